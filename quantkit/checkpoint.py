@@ -1,0 +1,166 @@
+"""Quantized checkpoints: a directory, written atomically, read back bit for bit.
+
+Layout of a checkpoint directory::
+
+    config.json                  the Hugging Face config (tie_word_embeddings false once untied)
+    model.safetensors            every tensor of the state dict (or model-0000N-of-0000M.safetensors
+    model.safetensors.index.json   shards with the usual index, above ``max_shard_bytes``)
+    tokenizer files              when the source model had a tokenizer
+    quantkit.json                quantkit's metadata (see below)
+
+``quantkit.json`` holds ``format_version`` (the packed layout of :mod:`quantkit.packing`), the
+scheme, the pipeline and its config, the source model and the sha256 of its weights, the kind of
+every quantized module, and what was left unquantized and why. The format lives there, never in
+file names. Only safetensors is ever read; nothing is unpickled.
+
+Writes go to a sibling temporary directory that replaces the target only when complete, so a
+crash or Ctrl-C never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+from quantkit.model import LoadedModel, check_safetensors, load_model, load_tokenizer, weight_files
+from quantkit.modules import Plan, make_empty
+from quantkit.packing import FORMAT_VERSION
+from quantkit.scheme import Scheme
+
+METADATA_FILE = "quantkit.json"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def check_output(target: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing path unless asked to (pipelines call this before any work)."""
+    if Path(target).exists() and not overwrite:
+        raise QuantkitError(f"{target} already exists; choose another --output or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``target`` only if the block succeeds."""
+    target = Path(target)
+    check_output(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            os.replace(target, old)  # keep the good one until the new one is in place
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(loaded: LoadedModel, plan: Plan, scheme: Scheme, output: Path, *, pipeline: str,
+                    method: str, config: dict | None = None, overwrite: bool = False,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the (already quantized) ``loaded.model`` to ``output`` as a checkpoint directory."""
+    model = loaded.model
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "quantkit_version": __version__,
+        "pipeline": pipeline,
+        "method": method,
+        "scheme": scheme.to_dict(),
+        "source": {"model": loaded.source, "sha256": loaded.source_sha256},
+        **plan.to_dict(),
+        "config": config or {},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_directory(Path(output), overwrite) as tmp:
+        model.config.save_pretrained(str(tmp))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
+        _write_shards(state, tmp, max_shard_bytes)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(output)
+
+
+def _write_shards(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def read_metadata(path: Path) -> dict:
+    try:
+        meta = json.loads((path / METADATA_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QuantkitError(f"{path / METADATA_FILE} is unreadable ({exc})") from exc
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QuantkitError(f"{path} has checkpoint format version {version!r}; this quantkit "
+                            f"({__version__}) reads version {FORMAT_VERSION}. Upgrade quantkit or re-quantize.")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[LoadedModel, dict]:
+    """Rebuild a runnable quantized model from a checkpoint directory; returns (model, metadata)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    scheme = Scheme.from_dict(meta["scheme"])
+    plan = Plan.from_dict(meta)
+    files = weight_files(path)
+    if not files:
+        raise QuantkitError(f"{path} has quantkit.json but no *.safetensors weights; re-create the checkpoint")
+    check_safetensors(files)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with no_init_weights():  # every tensor is overwritten by the checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    make_empty(model, plan, scheme)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise QuantkitError(f"{path} does not match its own metadata ({str(exc).splitlines()[0]})") from exc
+    loaded = LoadedModel(model.eval(), load_tokenizer(path), str(path), meta["source"]["sha256"])
+    return loaded, meta
+
+
+def load_any(spec: str | None) -> tuple[LoadedModel, dict | None]:
+    """A quantized checkpoint (with its metadata) or a float model (metadata None)."""
+    if spec is not None and is_checkpoint(spec):
+        return load_checkpoint(spec)
+    return load_model(spec), None

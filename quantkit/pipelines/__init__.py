@@ -1,0 +1,1 @@
+"""One short function per pipeline, each reading top to bottom: load, transform, quantize, save."""
