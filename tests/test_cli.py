@@ -1,0 +1,104 @@
+import json
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit import __version__
+from quantkit.checkpoint import load_checkpoint
+from quantkit.cli import main
+from quantkit.model import load_model
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_version():
+    assert __version__ in run("--version").output
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_option_of_every_command_is_documented():
+    for path, cmd in _commands(main):
+        text = run(*path, "--help").output
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{' '.join(path)} {param.opts} has no help"
+                assert param.opts[-1] in text
+
+
+def test_ptq_end_to_end_then_eval_json(tiny_dir, tmp_path, data_dir, ids):
+    out = tmp_path / "ptq"
+    run("ptq", "--model", tiny_dir, "--output", out)
+    loaded, meta = load_checkpoint(out)
+    assert meta["pipeline"] == "ptq" and meta["config"]["scheme"]["group_size"] == 32
+    float_model = load_model(str(tiny_dir)).model
+    assert meta["source"]["sha256"] == load_model(str(tiny_dir)).source_sha256
+    with torch.inference_mode():
+        q, f = loaded.model(ids).logits, float_model(ids).logits
+    assert not torch.equal(q, f)  # quantized ...
+    cos = torch.nn.functional.cosine_similarity(q.float().flatten(), f.float().flatten(), dim=0)
+    assert cos > 0.9, cos  # ... but still close to the float model (unrelated logits give ~0)
+
+    js = tmp_path / "ppl.json"
+    res = run("eval", tiny_dir, out, "--seq-len", 64, "--max-windows", 2, "--data-dir", data_dir, "--json", js)
+    assert "perplexity" in res.output
+    rows = json.loads(js.read_text())["wikitext2_perplexity"]
+    assert [r["kind"] for r in rows] == ["bf16", "ptq (rtn)"] and all(r["windows"] == 2 for r in rows)
+
+
+def test_output_exists_is_refused_and_untouched(tiny_dir, tmp_path):
+    out = tmp_path / "ptq"
+    out.mkdir()
+    res = run("ptq", "--model", tiny_dir, "--output", out, ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    assert list(out.iterdir()) == []
+    run("ptq", "--model", tiny_dir, "--output", out, "--overwrite")
+    assert (out / "quantkit.json").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("ptq", "--output", "{tmp}/o", "--group-size", "0"), "--group-size"),
+    (("ptq", "--output", "{tmp}/o", "--group-size", "7"), "group_size"),
+    (("eval", "{model}", "--max-windows", "-3"), "--max-windows"),
+    (("eval", "{model}", "--seq-len", "1"), "--seq-len"),
+    (("eval", "{model}", "--data-dir", "{tmp}/nowhere"), "does not exist"),
+    (("eval", "{tmp}/missing-model"), "does not exist"),
+    (("ptq", "--model", "{tmp}", "--output", "{tmp}/o"), "not a Hugging Face model directory"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(args, needle, tiny_dir, tmp_path):
+    args = [a.format(tmp=tmp_path, model=tiny_dir) for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run(*args, ok=False)
+    assert res.exit_code != 0 and needle in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_data_dir_without_expected_files(tiny_dir, tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    res = run("eval", tiny_dir, "--data-dir", empty, "--seq-len", 64, ok=False)
+    assert res.exit_code != 0 and "has no wikitext-2-raw-v1/test.jsonl" in res.output
+
+
+def test_generate_is_greedy_decoding_of_the_model(tiny_dir):
+    res = run("generate", tiny_dir, "--prompt", "hello", "--max-new-tokens", 4)
+    loaded = load_model(str(tiny_dir))
+    ids = loaded.tokenizer("hello", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        for _ in range(4):  # the greedy loop, spelled out
+            ids = torch.cat([ids, loaded.model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = loaded.tokenizer.decode(ids[0, -4:], skip_special_tokens=True)
+    assert res.output.rstrip("\n") == expected
