@@ -137,14 +137,13 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", required=True, help="Text to continue (wrapped in the chat template if any).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Tokens to generate (greedy).")
+              help="Tokens to generate (greedy; stops early at the end-of-sequence token).")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as raw text even if a template exists.")
 def generate(model: str | None, prompt: str, max_new_tokens: int, no_chat_template: bool) -> None:
     """Greedy generation from MODEL_OR_CHECKPOINT (default: the embedded default model)."""
-    import torch
-
     from quantkit.checkpoint import load_any
-    from quantkit.progress import out
+    from quantkit.decode import greedy_decode
+    from quantkit.progress import err, out
 
     loaded, _ = load_any(_model_arg(model))
     tok = loaded.tokenizer
@@ -156,11 +155,48 @@ def generate(model: str | None, prompt: str, max_new_tokens: int, no_chat_templa
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        gen = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    out.print(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), markup=False, highlight=False,
-              soft_wrap=True)
+    result = greedy_decode(loaded.model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
+    out.print(tok.decode(result.tokens[0], skip_special_tokens=True), markup=False, highlight=False, soft_wrap=True)
+    err.print(f"[dim]{result.tokens.shape[1]} tokens; first token {result.prefill_s:.2f} s, "
+              f"then {result.decode_tok_s:.1f} tokens/s[/]")
+
+
+@main.group()
+def bench() -> None:
+    """Speed benchmarks (results as JSON with a flat `summary`; compare ratios within one run)."""
+
+
+@bench.command("model")
+@click.argument("model", required=False)
+@click.option("--baseline", default=None,
+              help="Also benchmark this model in the same run and report ratios (e.g. `default`).")
+@click.option("--synthetic", type=click.Choice(["llama-3.2-1b", "llama-3.2-3b", "tiny"]), default=None,
+              help="Random weights with real shapes: benchmarks the 8da4w model against its bf16 twin.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Decode steps timed after the 64-token prompt.")
+@click.option("--prefill-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt length for the prefill throughput.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Median over repeats.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the results as JSON to this file.")
+def bench_model_cmd(model: str | None, baseline: str | None, synthetic: str | None, threads: int | None,
+                    new_tokens: int, prefill_tokens: int, repeats: int, json_path: Path | None) -> None:
+    """Decode and prefill tokens/s, time to first token, size and peak RSS of MODEL_OR_CHECKPOINT."""
+    from quantkit.bench_model import SYNTHETIC_PREFIX, ModelBenchConfig, bench_model, render_model_bench
+    from quantkit.progress import err, out
+
+    if synthetic is not None and (model is not None or baseline is not None):
+        raise click.UsageError("--synthetic benchmarks its own pair of models; drop MODEL and --baseline")
+    if synthetic is not None:
+        model, baseline = f"{SYNTHETIC_PREFIX}{synthetic}:8da4w", f"{SYNTHETIC_PREFIX}{synthetic}"
+    config = ModelBenchConfig(new_tokens=new_tokens, prefill_tokens=prefill_tokens, threads=threads, repeats=repeats)
+    with err.status(f"benchmarking {model or DEFAULT}" + (f" and {baseline}" if baseline else "")):
+        result = bench_model(model or DEFAULT, config, baseline)
+    out.print(render_model_bench(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

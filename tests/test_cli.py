@@ -94,11 +94,28 @@ def test_data_dir_without_expected_files(tiny_dir, tmp_path):
 
 
 def test_generate_is_greedy_decoding_of_the_model(tiny_dir):
-    res = run("generate", tiny_dir, "--prompt", "hello", "--max-new-tokens", 4)
+    res = run("generate", tiny_dir, "--prompt", "hello", "--max-new-tokens", 6)
     loaded = load_model(str(tiny_dir))
+    eos = loaded.tokenizer.eos_token_id
     ids = loaded.tokenizer("hello", return_tensors="pt")["input_ids"]
+    new = []
     with torch.inference_mode():
-        for _ in range(4):  # the greedy loop, spelled out
-            ids = torch.cat([ids, loaded.model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    expected = loaded.tokenizer.decode(ids[0, -4:], skip_special_tokens=True)
-    assert res.output.rstrip("\n") == expected
+        while len(new) < 6 and (not new or new[-1] != eos):  # the greedy loop, spelled out
+            new.append(int(loaded.model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[new[-1]]])], dim=1)
+    expected = loaded.tokenizer.decode(new, skip_special_tokens=True)
+    assert res.stdout.rstrip("\n") == expected
+    assert "tokens/s" in res.stderr
+
+
+def test_bench_model_json_has_the_summary_keys(tmp_path):
+    js = tmp_path / "bench.json"
+    run("bench", "model", "--synthetic", "tiny", "--new-tokens", 3, "--prefill-tokens", 16, "--repeats", 1,
+        "--json", js)
+    result = json.loads(js.read_text())
+    s = result["summary"]
+    for key in ("decode_tok_s", "prefill_tok_s", "ttft_s", "size_mib", "peak_rss_mib",
+                "decode_speedup", "prefill_speedup", "size_ratio", "rss_ratio"):
+        assert s[key] > 0, key
+    assert result["model"] == "synthetic:tiny:8da4w" and result["baseline"]["model"] == "synthetic:tiny"
+    assert s["size_ratio"] < 0.6  # int4 blocks + int8 head and embedding vs bf16 (tied, stored once)

@@ -1,0 +1,173 @@
+"""``quantkit bench model``: the inference columns of the Llama 3.2 model card, for any model.
+
+For the bf16 baseline and any quantized checkpoint: decode tokens/s, prefill tokens/s, time to
+first token for a 64-token prompt, checkpoint size (MiB of its safetensors) and peak RSS.
+Each model runs in a fresh subprocess, so peak RSS is that model's alone and one model's
+allocations never slow the next. ``synthetic`` models (random weights, real shapes) measure speed
+at the sizes users care about without downloading them.
+
+Numbers are only comparable within one run on one machine: compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+#: real Llama 3.2 shapes (random weights) for speed measurements without a download
+SYNTHETIC = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=256),
+}
+SYNTHETIC_PREFIX = "synthetic:"  # "synthetic:llama-3.2-1b" = bf16, "synthetic:llama-3.2-1b:8da4w" = quantized
+
+
+@dataclass(frozen=True)
+class ModelBenchConfig:
+    prompt_tokens: int = 64  # time to first token is measured on this prompt
+    prefill_tokens: int = 512  # prefill throughput is measured on this prompt
+    new_tokens: int = 32  # decode steps timed after the 64-token prompt
+    threads: int | None = None  # torch threads (None: torch's default)
+    repeats: int = 3  # median over repeats
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "prefill_tokens", "new_tokens", "repeats"):
+            if getattr(self, name) <= 0:
+                raise QuantkitError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _load(spec: str):
+    """(model, size in MiB) for a model spec: synthetic, a checkpoint, or a float model."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        return _synthetic(spec[len(SYNTHETIC_PREFIX):])
+    from quantkit.checkpoint import load_any
+    from quantkit.model import default_model_dir
+
+    loaded, _ = load_any(None if spec == "default" else spec)
+    path = default_model_dir() if spec == "default" else Path(spec)
+    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files) / 2**20
+    return loaded.model, size
+
+
+def _synthetic(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.initialization import no_init_weights
+
+    base, _, quant = name.partition(":")
+    if base not in SYNTHETIC:
+        raise QuantkitError(f"unknown synthetic model {base!r}; choose from {sorted(SYNTHETIC)}")
+    config = LlamaConfig(**SYNTHETIC[base], tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for p in model.parameters():  # random weights of a realistic scale (no init is faster)
+        p.data.normal_(0, 0.02)
+    if quant:
+        from quantkit.modules import quantize_
+        from quantkit.scheme import Scheme
+
+        quantize_(model, Scheme())
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if not quant:  # tied: one copy on disk
+        nbytes -= model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return model.eval(), nbytes / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(spec: str, config: ModelBenchConfig) -> dict:
+    """Run in this process: load ``spec`` and time prefill, first token and decode."""
+    from quantkit.decode import greedy_decode
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, size = _load(spec)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=gen)
+    long_prompt = torch.randint(0, vocab, (1, config.prefill_tokens), generator=gen)
+    greedy_decode(model, prompt, 2)  # warm-up: first-call allocations, kernel repacking
+    ttft, decode, prefill = [], [], []
+    for _ in range(config.repeats):
+        r = greedy_decode(model, prompt, config.new_tokens)
+        ttft.append(r.prefill_s)
+        decode.append(statistics.median(r.step_s))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(long_prompt, use_cache=False, logits_to_keep=1)
+            prefill.append(time.perf_counter() - t0)
+    return {"model": spec, "threads": torch.get_num_threads(),
+            "summary": {"decode_tok_s": 1 / statistics.median(decode),
+                        "prefill_tok_s": config.prefill_tokens / statistics.median(prefill),
+                        "ttft_s": statistics.median(ttft), "size_mib": size, "peak_rss_mib": _peak_rss_mib()}}
+
+
+def bench_model(spec: str, config: ModelBenchConfig = ModelBenchConfig(), baseline: str | None = None) -> dict:
+    """Benchmark ``spec`` (and ``baseline`` in the same run) each in its own subprocess."""
+    result = _in_subprocess(spec, config)
+    if baseline is not None:
+        base = _in_subprocess(baseline, config)
+        s, b = result["summary"], base["summary"]
+        s.update(decode_speedup=s["decode_tok_s"] / b["decode_tok_s"],
+                 prefill_speedup=s["prefill_tok_s"] / b["prefill_tok_s"],
+                 size_ratio=s["size_mib"] / b["size_mib"], rss_ratio=s["peak_rss_mib"] / b["peak_rss_mib"])
+        result["baseline"] = base
+    result["config"] = asdict(config)
+    return result
+
+
+def _in_subprocess(spec: str, config: ModelBenchConfig) -> dict:
+    cmd = [sys.executable, "-m", "quantkit.bench_model", spec, json.dumps(asdict(config))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise QuantkitError(f"benchmark of {spec} failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def render_model_bench(result: dict):
+    from rich.table import Table
+
+    rows = [result] + ([result["baseline"]] if "baseline" in result else [])
+    table = Table(title=f"bench model ({result['threads']} threads; compare ratios, not absolute times)")
+    for col in ("model", "decode tok/s", "prefill tok/s", "TTFT s (64 tok)", "size MiB", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        s = r["summary"]
+        table.add_row(r["model"], f"{s['decode_tok_s']:.2f}", f"{s['prefill_tok_s']:.1f}", f"{s['ttft_s']:.3f}",
+                      f"{s['size_mib']:.1f}", f"{s['peak_rss_mib']:.0f}")
+    if "baseline" in result:
+        s = result["summary"]
+        table.caption = (f"vs baseline: decode {s['decode_speedup']:.2f}x, prefill {s['prefill_speedup']:.2f}x, "
+                         f"size {s['size_ratio']:.2f}x, peak RSS {s['rss_ratio']:.2f}x")
+    return table
+
+
+if __name__ == "__main__":  # the worker side of _in_subprocess: prints one JSON line
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cfg = ModelBenchConfig(**json.loads(sys.argv[2]))
+    sys.stdout.write(json.dumps(measure(sys.argv[1], cfg)) + "\n")
