@@ -195,7 +195,10 @@ def default_model_dir() -> Path:
     if (target / _SOURCE_FILE).is_file():
         return target
     gguf = default_gguf_path()
-    loaded = _load_gguf(gguf, torch.bfloat16)
+    from quantkit.progress import err
+
+    with err.status(f"converting {DEFAULT_MODEL_NAME} from {gguf.name} to bf16 safetensors (once)"):
+        loaded = _load_gguf(gguf, torch.bfloat16)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -207,8 +210,11 @@ def default_model_dir() -> Path:
         loaded.tokenizer.save_pretrained(str(tmp))
         # Written last: its presence marks a complete conversion.
         (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "sha256": loaded.source_sha256}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first: use theirs
+            if not (target / _SOURCE_FILE).is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
