@@ -10,7 +10,8 @@ Layout of a checkpoint directory::
 
 ``quantkit.json`` holds ``format_version`` (the packed layout of :mod:`quantkit.packing`), the
 scheme, the pipeline and its config, the source model and the sha256 of its weights, the kind of
-every quantized module, and what was left unquantized and why. The format lives there, never in
+every quantized module, what was left unquantized and why, and ``aliases``: tensors stored once
+because another tensor is bit-identical (typically the int8 head and embedding after untying). The format lives there, never in
 file names. Only safetensors is ever read; nothing is unpickled.
 
 Writes go to a sibling temporary directory that replaces the target only when complete, so a
@@ -74,10 +75,19 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
 
 def save_checkpoint(loaded: LoadedModel, plan: Plan, scheme: Scheme, output: Path, *, pipeline: str,
                     method: str, config: dict | None = None, overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the (already quantized) ``loaded.model`` to ``output`` as a checkpoint directory."""
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, lora: dict | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write the (already quantized) ``loaded.model`` to ``output`` as a checkpoint directory.
+
+    ``lora``: the model's unmerged LoRA adapters (``quantkit.training.lora.lora_metadata``), recorded
+    so that loading rebuilds them; their tensors are in the state dict like any other.
+    ``extra_files``: small text files (name -> content) written into the directory, e.g. a report.
+    """
     model = loaded.model
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # only the quantized modules' buffers: never tie parameters someone may train later
+    aliases = _identical_tensors({k: v for k, v in state.items() if k.rpartition(".")[0] in plan.modules})
+    state = {k: v for k, v in state.items() if k not in aliases}
     meta = {
         "format_version": FORMAT_VERSION,
         "quantkit_version": __version__,
@@ -86,6 +96,8 @@ def save_checkpoint(loaded: LoadedModel, plan: Plan, scheme: Scheme, output: Pat
         "scheme": scheme.to_dict(),
         "source": {"model": loaded.source, "sha256": loaded.source_sha256},
         **plan.to_dict(),
+        "aliases": aliases,
+        **({"lora": lora} if lora else {}),
         "config": config or {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -95,7 +107,29 @@ def save_checkpoint(loaded: LoadedModel, plan: Plan, scheme: Scheme, output: Pat
             loaded.tokenizer.save_pretrained(str(tmp))
         _write_shards(state, tmp, max_shard_bytes)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(output)
+
+
+def _identical_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Map each tensor that repeats an earlier one bit for bit to that earlier name.
+
+    Untying makes the head and the embedding separate modules, but RTN (and SpinQuant's R1)
+    gives both the same int8 codes and per-row scales: storing them once saves a vocabulary-sized
+    matrix on disk and in memory (the loaded modules share the tensor).
+    """
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (tuple(t.shape), t.dtype)
+        for other in seen.get(key, []):
+            if torch.equal(t, state[other]):
+                aliases[name] = other
+                break
+        else:
+            seen.setdefault(key, []).append(name)
+    return aliases
 
 
 def _write_shards(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -148,9 +182,15 @@ def load_checkpoint(path: str | Path) -> tuple[LoadedModel, dict]:
     with no_init_weights():  # every tensor is overwritten by the checkpoint
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     make_empty(model, plan, scheme)
+    if meta.get("lora"):  # unmerged adapters: wrap their (packed) linears before loading
+        from quantkit.training.lora import add_lora_from_metadata
+
+        add_lora_from_metadata(model, meta["lora"])
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    for name, original in meta.get("aliases", {}).items():
+        state[name] = state[original]  # stored once, shared by both modules
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

@@ -100,3 +100,29 @@ def test_truncated_weights_are_a_clear_error(quantized, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(QuantkitError, match="corrupt or truncated"):
         load_any(str(out))
+
+
+def test_identical_head_and_embedding_are_stored_once_and_shared(quantized, ids, tmp_path):
+    loaded, plan, scheme = quantized
+    # RTN of an untied pair gives the same per-row int8 codes and scales to head and embedding
+    assert torch.equal(loaded.model.lm_head.qweight, loaded.model.model.embed_tokens.qweight)
+    out = save_checkpoint(loaded, plan, scheme, tmp_path / "ck", pipeline="ptq", method="rtn")
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert meta["aliases"] == {"lm_head.qweight": "model.embed_tokens.qweight",
+                               "lm_head.scales": "model.embed_tokens.scales"}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.qweight" not in f.keys() and "model.embed_tokens.qweight" in f.keys()
+    back, _ = load_checkpoint(out)
+    assert back.model.lm_head.qweight.data_ptr() == back.model.model.embed_tokens.qweight.data_ptr()
+    assert torch.equal(_logits(loaded.model, ids), _logits(back.model, ids))
+
+
+def test_different_head_and_embedding_are_both_stored(quantized, ids, tmp_path):
+    loaded, plan, scheme = quantized
+    loaded.model.lm_head.qweight[0, 0] += 1  # as after QAT, where the two drift apart
+    out = save_checkpoint(loaded, plan, scheme, tmp_path / "ck", pipeline="ptq", method="rtn")
+    assert "lm_head.qweight" not in json.loads((out / METADATA_FILE).read_text())["aliases"]
+    back, _ = load_checkpoint(out)
+    assert torch.equal(_logits(loaded.model, ids), _logits(back.model, ids))
