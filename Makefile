@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 
 # Builds the fast CPU kernel now instead of on first use.
 kernel: install
-	$(BIN)/python -c "from quantkit.kernels import cpu; r = cpu.unavailable_reason(); print(r or 'fast CPU kernel ready')"
+	$(BIN)/python -c "from quantkit.kernels import cpu; cpu.build(); print(cpu.unavailable_reason() or 'fast CPU kernel ready')"
 
 demo: install
 	$(BIN)/quantkit ptq --output $(DEMO_OUT)/smollm2-ptq --overwrite
