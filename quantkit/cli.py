@@ -166,6 +166,31 @@ def bench() -> None:
     """Speed benchmarks (results as JSON with a flat `summary`; compare ratios within one run)."""
 
 
+@bench.command("kernel")
+@click.option("--threads", "threads", type=click.IntRange(min=1), multiple=True, default=(1, 2), show_default=True,
+              help="Thread counts to measure (repeat the option).")
+@click.option("--m", "ms", type=click.IntRange(min=1), multiple=True, default=(1, 64, 512), show_default=True,
+              help="Token counts M to measure (repeat the option).")
+@click.option("--model", "models", type=click.Choice(["llama-3.2-1b", "llama-3.2-3b"]), multiple=True,
+              default=("llama-3.2-1b", "llama-3.2-3b"), show_default=True, help="Layer shapes to measure.")
+@click.option("--quick", is_flag=True, help="Seconds-long smoke run: one model, smallest M, 2-layer decode.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the results (with a flat `summary`) as JSON to this file.")
+def bench_kernel_cmd(threads: tuple[int, ...], ms: tuple[int, ...], models: tuple[str, ...], quick: bool,
+                     json_path: Path | None) -> None:
+    """Our int4/int8 CPU kernels vs the reference, torch fp32/bf16 F.linear and torch's int4 weight-only op."""
+    from quantkit.bench import bench_kernel, render_kernel_bench
+    from quantkit.progress import err, out
+
+    with err.status("benchmarking kernels (minutes; quick: seconds)"):
+        result = bench_kernel(threads=threads, ms=ms, models=models, quick=quick)
+    out.print(render_kernel_bench(result))
+    out.print_json(data=result["summary"])
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @bench.command("model")
 @click.argument("model", required=False)
 @click.option("--baseline", default=None,
