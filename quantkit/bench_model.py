@@ -23,16 +23,21 @@ from pathlib import Path
 
 import torch
 
+from quantkit.bench import MODELS
 from quantkit.errors import QuantkitError
+
+
+
+def _shapes(hidden: int, inter: int, n_heads: int, n_kv: int, head_dim: int, vocab: int, layers: int) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=inter, num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                head_dim=head_dim, vocab_size=vocab, num_hidden_layers=layers)
+
 
 #: real Llama 3.2 shapes (random weights) for speed measurements without a download
 SYNTHETIC = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256),
-    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=256),
+    "llama-3.2-1b": _shapes(*MODELS["llama-3.2-1b"], layers=16),
+    "llama-3.2-3b": _shapes(*MODELS["llama-3.2-3b"], layers=28),
+    "tiny": _shapes(64, 128, 4, 2, 16, 256, layers=2),
 }
 SYNTHETIC_PREFIX = "synthetic:"  # "synthetic:llama-3.2-1b" = bf16, "synthetic:llama-3.2-1b:8da4w" = quantized
 
