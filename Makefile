@@ -35,7 +35,10 @@ kernel: install
 
 demo: install
 	$(BIN)/quantkit ptq --output $(DEMO_OUT)/smollm2-ptq --overwrite
-	$(BIN)/quantkit eval default $(DEMO_OUT)/smollm2-ptq --max-windows $(DEMO_WINDOWS) --json $(DEMO_OUT)/perplexity.json
+	$(BIN)/quantkit spinquant --preset cpu --output $(DEMO_OUT)/smollm2-spinquant --overwrite
+	# QAT -> LoRA -> DPO at CPU size (a smoke-sized run of the recipe; resumes if interrupted)
+	$(BIN)/quantkit qlora --preset cpu --output $(DEMO_OUT)/smollm2-qlora --overwrite
+	$(BIN)/quantkit eval default $(DEMO_OUT)/smollm2-ptq $(DEMO_OUT)/smollm2-spinquant $(DEMO_OUT)/smollm2-qlora --max-windows $(DEMO_WINDOWS) --json $(DEMO_OUT)/perplexity.json
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -9,6 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.config import Preset
 from quantkit.scheme import ScaleDtype, Scheme
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -85,6 +86,132 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
                        overwrite=overwrite)
     path = run_ptq(config)
     out.print(f"wrote [bold]{path}[/] (pipeline ptq, method rtn)")
+
+
+@main.command()
+@click.option("--model", "model", default=None, help=MODEL_HELP)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Checkpoint directory to write (written atomically). Stage results go to OUTPUT.stages "
+                   "until it is written; rerunning the same command resumes from them.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--preset", type=click.Choice([p.value for p in Preset]), default=Preset.FULL.value,
+              show_default=True, help="Default sizes of every stage: `full` (a real run, GPU-sized) or `cpu` "
+                                      "(minutes on a 2-core CPU; used by `make demo`). Options below override it.")
+@click.option("--qat-steps", type=int, default=None, help="Stage 1 (QAT SFT, all weights) optimizer steps.")
+@click.option("--qat-lr", type=float, default=None, help="Stage 1 peak learning rate (AdamW, warm-up then cosine).")
+@click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
+@click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
+@click.option("--lora-rank", type=int, default=None,
+              help="LoRA rank: at least 1, at most the smallest side of every block linear.")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
+@click.option("--dpo-steps", type=int, default=None, help="Stage 3 (DPO, backbone + adapters) optimizer steps.")
+@click.option("--dpo-lr", type=float, default=None, help="Stage 3 peak learning rate.")
+@click.option("--dpo-beta", type=float, default=None, help="DPO beta (strength of the pull toward the reference).")
+@click.option("--heldout-pairs", type=int, default=None,
+              help="Preference pairs held out of DPO training and scored before and after it.")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences (SFT) or preference pairs (DPO) per step, for every stage.")
+@click.option("--seq-len", type=int, default=None,
+              help="Training tokens per sequence (prompts truncated from the left, responses from the right).")
+@click.option("--sft-data", default=None, show_default="alpaca",
+              help="Instruction data for stages 1 and 2: alpaca, gsm8k-chat, or a .json/.jsonl file "
+                   "(Alpaca fields or chat `messages`).")
+@click.option("--pref-data", default=None, show_default="hh-rlhf-harmless",
+              help="Preference pairs for stage 3: hh-rlhf-harmless, orca-dpo, dpo-en-demo, or a .json/.jsonl file "
+                   "with chosen/rejected fields.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--eval-windows", type=int, default=None,
+              help="WikiText-2 perplexity windows scored after each stage (the report).")
+@click.option("--eval-seq-len", type=int, default=None, help="Tokens per perplexity window of the report.")
+@click.option("--save-every", type=int, default=None, help="Steps between resumable step checkpoints in a stage.")
+@click.option("--merge-lora", is_flag=True,
+              help="Fold the adapters into the weights before packing (one matrix; requantizes, losing some "
+                   "of what QAT bought). Default: keep them as an unmerged bf16 side path.")
+@click.option("--restart", is_flag=True, help="Discard the stage results of an unfinished run instead of resuming.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and held-out split.")
+@scheme_options
+def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart: bool, merge_lora: bool,
+          seed: int, group_size: int, scale_dtype: str, batch_size: int | None, **options) -> None:
+    """QAT, then LoRA on the frozen QAT backbone, then DPO: packed int4 checkpoint + bf16 LoRA adapters.
+
+    Writes a qlora_report.json into the checkpoint: loss per step of each stage, WikiText-2
+    perplexity (float, vanilla PTQ, after each stage) and held-out preference accuracy and
+    margin before and after DPO.
+    """
+    import shutil
+
+    from quantkit.checkpoint import check_output
+    from quantkit.config import QLoRAConfig
+    from quantkit.pipelines.qlora import run_qlora
+    from quantkit.progress import out
+
+    overrides = {k.replace("heldout_pairs", "dpo_heldout_pairs"): v for k, v in options.items() if v is not None}
+    if batch_size is not None:
+        overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
+    config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,
+                                scheme=_scheme(group_size, scale_dtype), overwrite=overwrite, **overrides)
+    if restart:
+        check_output(output, overwrite)  # refuse before discarding anything
+        shutil.rmtree(output.with_name(output.name + ".stages"), ignore_errors=True)
+    path = run_qlora(config)
+    out.print(f"wrote [bold]{path}[/] (pipeline qlora, method qat; report in {path / 'qlora_report.json'})")
+
+
+@main.command()
+@click.option("--model", "model", default=None, help=MODEL_HELP)
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Checkpoint directory to write (written atomically). Learned rotations go beside it, "
+                   "to OUTPUT.rotations.safetensors.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--preset", type=click.Choice(["meta", "cpu"]), default="meta", show_default=True,
+              help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
+                   "for SmolLM2 on a 2-core CPU (make demo). Explicit options below override the preset.")
+@click.option("--rotation-steps", type=int, default=None, show_default="100",
+              help="Cayley SGD steps learning R1/R2.")
+@click.option("--rotation-samples", type=int, default=None, show_default="800",
+              help="Calibration windows for rotation learning (each step takes samples/steps of them).")
+@click.option("--gptq-samples", type=int, default=None, show_default="128", help="Calibration windows for GPTQ.")
+@click.option("--seq-len", type=int, default=None, show_default="2048", help="Tokens per calibration window.")
+@click.option("--rotation-lr", type=float, default=1.5, show_default=True,
+              help="Cayley SGD learning rate (decays linearly to 0).")
+@click.option("--learn-against", type=click.Choice(["activations", "weights-and-activations"]),
+              default="activations", show_default=True,
+              help="Quantizers in the loop while learning: activations only (weights float; Meta's recipe when GPTQ "
+                   "follows) or weights too.")
+@click.option("--rotation-mode", type=click.Choice(["learned", "random", "none"]), default="learned",
+              show_default=True, help="R1/R2: learned, the random-Hadamard init only, or none (ablations).")
+@click.option("--rotations", "rotations", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Reuse rotations saved by an earlier run (OUTPUT.rotations.safetensors); skips learning.")
+@click.option("--no-r4", is_flag=True, help="Leave out R4 (the online Hadamard before down_proj).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="How the rotated block linears are rounded.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it.")
+@click.option("--act-order", is_flag=True,
+              help="GPTQ columns in decreasing activation energy (static group scales: same format and kernel).")
+@click.option("--calibration", default="wikitext2", show_default=True,
+              help="Calibration set declared in calibration/ (never the evaluation split).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration windows and of R1/R2's init.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Where finished stages are kept for resuming (default: .OUTPUT.spinquant-work beside OUTPUT).")
+@scheme_options
+def spinquant(model: str | None, output: Path, preset: str, group_size: int, scale_dtype: str, no_r4: bool,
+              **options) -> None:
+    """SpinQuant: learned rotations (R1, R2) + Hadamard R4, then GPTQ; the same packed int4 checkpoint as ptq.
+
+    An interrupted run resumes from its last finished stage (rotations, then each GPTQ layer) when run
+    again with the same options.
+    """
+    from quantkit.config import SPINQUANT_PRESETS, SpinQuantConfig, SpinQuantPreset
+    from quantkit.pipelines.spinquant import run_spinquant
+    from quantkit.progress import out
+
+    sizes = {**SPINQUANT_PRESETS[SpinQuantPreset(preset)], **{k: v for k, v in options.items() if v is not None}}
+    config = SpinQuantConfig(output=output, model=_model_arg(model), scheme=_scheme(group_size, scale_dtype),
+                             r4=not no_r4, **sizes)
+    path = run_spinquant(config)
+    out.print(f"wrote [bold]{path}[/] (pipeline spinquant, method {config.method.value})")
 
 
 @main.command("eval")
@@ -222,6 +349,125 @@ def bench_model_cmd(model: str | None, baseline: str | None, synthetic: str | No
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+TASKS_HELP = ("Comma-separated lm-eval tasks: arc_easy, arc_challenge, piqa, winogrande, hellaswag, "
+              "lambada_openai, boolq, openbookqa, copa, wikitext (lm-eval word perplexity), or `all`. "
+              "Default: the nine benchmarks (all but wikitext).")
+LIMIT_HELP = "Score only the first N documents of each task (quick, noisy runs); default: every document."
+
+
+@main.command("tasks")
+@click.argument("models", nargs=-1)
+@click.option("--tasks", "tasks", default=None, help=TASKS_HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help=LIMIT_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help=DATA_DIR_HELP + " With a data dir quantkit's local task configs are used; without one, "
+                                   "lm-eval's stock tasks (hub).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="lm-eval batch size.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the results as JSON to this file.")
+def tasks_(models: tuple[str, ...], tasks: str | None, limit: int | None, data_dir: Path | None, batch_size: int,
+           json_path: Path | None) -> None:
+    """Zero-shot lm-eval task scores of each MODEL_OR_CHECKPOINT (`default` or nothing: the default model)."""
+    from rich.table import Table
+
+    from quantkit.checkpoint import load_any
+    from quantkit.data import resolve_data_dir
+    from quantkit.progress import out
+    from quantkit.tasks import TASKS, parse_tasks, run_tasks
+
+    names = parse_tasks(tasks)  # an unknown task name fails before any model loads
+    root = resolve_data_dir(data_dir)
+    scores = {}
+    for spec in models or (DEFAULT,):
+        loaded, _ = load_any(_model_arg(spec))
+        scores[spec] = run_tasks(loaded.model, loaded.tokenizer, names, limit=limit, data_dir=root,
+                                 batch_size=batch_size)
+        del loaded
+    table = Table(title="lm-eval tasks (zero-shot" + (f", first {limit} documents)" if limit else ")"))
+    table.add_column("task / metric")
+    for spec in scores:
+        table.add_column(spec, justify="right")
+    for t in names:
+        for m in TASKS[t].metrics:
+            arrow = "↑" if m.higher_is_better else "↓"
+            cells = []
+            for spec in scores:
+                v = scores[spec][t]["metrics"].get(m.key)
+                cells.append("—" if v is None else f"{100 * v:.1f}" if m.percent else f"{v:.4g}")
+            table.add_row(f"{t} {m.label} {arrow}", *cells)
+    out.print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"tasks": scores}, indent=2) + "\n")
+
+
+@main.group()
+def compare() -> None:
+    """Compare quantized checkpoints with their bf16 baseline."""
+
+
+@compare.command("report")
+@click.argument("checkpoints", nargs=-1)
+@click.option("--baseline", default=None,
+              help="The float model the checkpoints were quantized from (directory, .gguf, hub id or `default`). "
+                   "Default: the source model recorded in the checkpoints' metadata.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Report directory to write: results.json, report.md (+ PNG plots), report.html.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--tasks", "tasks", default=None, help=TASKS_HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help=LIMIT_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help=DATA_DIR_HELP + " With a data dir quantkit's local task configs are used; without one, "
+                                   "lm-eval's stock tasks (hub).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="lm-eval batch size.")
+@click.option("--no-token-perplexity", is_flag=True,
+              help="Skip quantkit's WikiText-2 token perplexity row (lm-eval's word perplexity is the wikitext task).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Token-perplexity window length.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None,
+              help="Token perplexity on the first N windows only; default: the whole test split.")
+@click.option("--speed-json", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="`quantkit bench model --json` output(s) to show as the speed, TTFT and peak-RSS rows.")
+@click.option("--bench", "run_bench", is_flag=True,
+              help="Run `quantkit bench model` on the baseline and every checkpoint (cached per checkpoint).")
+@click.option("--no-cache", is_flag=True, help="Re-score everything instead of reusing stored scores.")
+@click.option("--from-results", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Re-render a stored results.json (or its report directory) without evaluating; "
+                   "takes no CHECKPOINT.")
+def compare_report(checkpoints: tuple[str, ...], baseline: str | None, output: Path, overwrite: bool,
+                   tasks: str | None, limit: int | None, data_dir: Path | None, batch_size: int,
+                   no_token_perplexity: bool, seq_len: int, max_windows: int | None, speed_json: Path | None,
+                   run_bench: bool, no_cache: bool, from_results: Path | None) -> None:
+    """The model-card table for CHECKPOINT... against the bf16 baseline: quality, speed, size, memory.
+
+    Scores what is not scored yet (cached per checkpoint content hash, so a re-run is instant), writes
+    OUTPUT/results.json, OUTPUT/report.md and a self-contained OUTPUT/report.html, and prints the table.
+    """
+    from quantkit.config import ReportConfig
+    from quantkit.progress import out
+    from quantkit.report import build_report, load_results, render_terminal, write_report
+    from quantkit.tasks import parse_tasks
+
+    if from_results is not None:
+        if checkpoints:
+            raise click.UsageError("--from-results re-renders a stored report; drop the CHECKPOINT arguments")
+        doc = load_results(from_results)
+        write_report(doc, output, overwrite)
+        out.print(render_terminal(doc))
+        out.print(f"wrote [bold]{output}[/] (results.json, report.md, report.html)")
+        return
+    config = ReportConfig(checkpoints=checkpoints, output=output, baseline=_model_arg(baseline) if baseline else None,
+                          tasks=parse_tasks(tasks), limit=limit, data_dir=data_dir, batch_size=batch_size,
+                          token_perplexity=not no_token_perplexity, seq_len=seq_len, max_windows=max_windows,
+                          speed_json=speed_json, overwrite=overwrite, use_cache=not no_cache)
+    speed = None
+    if run_bench:
+        from quantkit.bench_model import bench_model
+
+        speed = lambda spec: bench_model(spec or DEFAULT)  # noqa: E731 - one model per call
+    build_report(config, speed)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import enum
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from quantkit.scheme import Scheme
+from quantkit.algorithms import LearnTarget
+from quantkit.errors import QuantkitError
+from quantkit.scheme import Method, Scheme
 
 
 @dataclass(frozen=True)
@@ -20,4 +23,206 @@ class PTQConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["output"], d["scheme"] = str(self.output), self.scheme.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``quantkit compare report``: score a baseline and checkpoints, write the model-card table."""
+
+    checkpoints: tuple[str, ...]  # quantized checkpoint directories, one column each
+    output: Path  # report directory (results.json, report.md, report.html, plots)
+    baseline: str | None = None  # float model; None = the checkpoints' recorded source model
+    tasks: tuple[str, ...] | None = None  # quantkit.tasks names; None = quantkit.tasks.DEFAULT_TASKS
+    limit: int | None = None  # score only the first N documents of each task
+    data_dir: Path | None = None  # None = $QUANTKIT_DATA_DIR, else lm-eval's stock tasks (hub)
+    batch_size: int = 8  # lm-eval batch size
+    token_perplexity: bool = True  # quantkit's WikiText-2 token perplexity (quantkit.evaluate)
+    seq_len: int = 2048  # token-perplexity window
+    max_windows: int | None = None  # token-perplexity windows (None = the whole test split)
+    speed_json: Path | None = None  # `quantkit bench model` results to show (see quantkit.report)
+    overwrite: bool = False
+    use_cache: bool = True  # reuse stored scores keyed by checkpoint content hash
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("output", "data_dir", "speed_json"):
+            d[k] = None if d[k] is None else str(d[k])
+        d["checkpoints"] = list(self.checkpoints)
+        d["tasks"] = None if self.tasks is None else list(self.tasks)
+        return d
+
+
+class Preset(str, enum.Enum):
+    """Sizes of a ``quantkit qlora`` run."""
+
+    FULL = "full"  # a real fine-tuning run (hours on a GPU-sized machine)
+    CPU = "cpu"  # minutes on a 2-core CPU (``make demo``): a smoke-sized version of the recipe
+
+
+@dataclass(frozen=True)
+class QATStageConfig:
+    """Stage 1: SFT of every weight through the fake-quantized forward (straight-through gradients)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class LoRAStageConfig:
+    """Stage 2: SFT of bf16 LoRA adapters on every block linear, the QAT backbone frozen."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    rank: int = 16
+    alpha: float = 32.0
+
+
+@dataclass(frozen=True)
+class DPOStageConfig:
+    """Stage 3: DPO of backbone and adapters together against the frozen stage-2 model."""
+
+    steps: int
+    lr: float
+    batch_size: int  # preference pairs per step (each is a chosen and a rejected sequence)
+    beta: float = 0.1
+    heldout_pairs: int = 64  # pairs kept out of training, scored before and after DPO
+
+
+@dataclass(frozen=True)
+class QLoRAConfig:
+    """``quantkit qlora``: QAT, then LoRA on the frozen QAT backbone, then DPO; packed int4 + bf16 adapters."""
+
+    output: Path
+    qat: QATStageConfig
+    lora: LoRAStageConfig
+    dpo: DPOStageConfig
+    model: str | None = None  # None = the embedded default (SmolLM2-135M-Instruct)
+    scheme: Scheme = field(default_factory=Scheme)
+    seq_len: int = 1024  # training tokens per sequence (prompt truncated from the left, response from the right)
+    sft_data: str = "alpaca"  # a quantkit.training.records.SOURCES name or a .json/.jsonl file
+    pref_data: str = "hh-rlhf-harmless"
+    data_dir: Path | None = None  # None = $QUANTKIT_DATA_DIR, else `datasets` downloads
+    eval_windows: int = 16  # WikiText-2 perplexity windows after each stage
+    eval_seq_len: int = 1024
+    save_every: int = 50  # steps between resumable step checkpoints inside a stage
+    merge_lora: bool = False  # fold the adapters into the weights before packing (requantizes them)
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for stage in ("qat", "lora", "dpo"):
+            cfg = getattr(self, stage)
+            if cfg.steps < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
+                raise QuantkitError(f"--{stage}-steps must be >= 0, --{stage}-lr > 0 and --batch-size >= 1 "
+                                    f"(got {cfg.steps}, {cfg.lr}, {cfg.batch_size})")
+        if self.lora.rank < 1:
+            raise QuantkitError(f"--lora-rank must be at least 1, got {self.lora.rank}")
+        if self.dpo.beta <= 0 or self.dpo.heldout_pairs < 1:
+            raise QuantkitError(f"--dpo-beta must be > 0 and --heldout-pairs >= 1 "
+                                f"(got {self.dpo.beta}, {self.dpo.heldout_pairs})")
+        if self.seq_len < 8 or self.eval_seq_len < 2 or self.eval_windows < 1 or self.save_every < 1:
+            raise QuantkitError("--seq-len must be >= 8, --eval-seq-len >= 2, --eval-windows and --save-every >= 1")
+
+    @classmethod
+    def preset(cls, preset: Preset, output: Path, **overrides) -> QLoRAConfig:
+        """The preset's values, with ``overrides`` (flat names: ``qat_steps``, ``lora_rank``, ...) on top."""
+        if Preset(preset) is Preset.CPU:
+            base = cls(output, QATStageConfig(steps=12, lr=1e-4, batch_size=1),
+                       LoRAStageConfig(steps=6, lr=1e-3, batch_size=1, rank=8, alpha=16.0),
+                       DPOStageConfig(steps=4, lr=1e-5, batch_size=1, beta=0.1, heldout_pairs=8),
+                       seq_len=256, eval_windows=2, eval_seq_len=512, save_every=4)
+        else:
+            base = cls(output, QATStageConfig(steps=2000, lr=2e-5, batch_size=8),
+                       LoRAStageConfig(steps=1000, lr=2e-4, batch_size=8, rank=16, alpha=32.0),
+                       DPOStageConfig(steps=500, lr=5e-7, batch_size=8, beta=0.1, heldout_pairs=64))
+        stages = {}
+        for stage in ("qat", "lora", "dpo"):
+            prefix = f"{stage}_"
+            values = {k.removeprefix(prefix): overrides.pop(k) for k in list(overrides) if k.startswith(prefix)}
+            stages[stage] = replace(getattr(base, stage), **values)
+        return replace(base, **stages, **overrides)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"], d["scheme"] = str(self.output), self.scheme.to_dict()
+        d["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        return d
+
+
+class RotationMode(str, enum.Enum):
+    """Where SpinQuant's R1/R2 come from (RANDOM and NONE are the ablations)."""
+
+    LEARNED = "learned"  # random Hadamard init, then Cayley SGD on the calibration loss
+    RANDOM = "random"  # the random Hadamard init, not learned
+    NONE = "none"  # no R1/R2 (R4 still applies unless --no-r4)
+
+
+class SpinQuantPreset(str, enum.Enum):
+    META = "meta"  # Meta's SpinQuant recipe (GPU-sized)
+    CPU = "cpu"  # sized for a 2-core CPU and SmolLM2-135M in a few minutes (`make demo`)
+
+
+#: rotation steps, rotation samples, GPTQ samples, tokens per sample
+SPINQUANT_PRESETS = {
+    SpinQuantPreset.META: {"rotation_steps": 100, "rotation_samples": 800, "gptq_samples": 128, "seq_len": 2048},
+    SpinQuantPreset.CPU: {"rotation_steps": 24, "rotation_samples": 24, "gptq_samples": 32, "seq_len": 256},
+}
+
+
+@dataclass(frozen=True)
+class SpinQuantConfig:
+    """SpinQuant: learned rotations R1/R2 (+ Hadamard R4) folded into the weights, then GPTQ.
+
+    Defaults are Meta's recipe; ``SpinQuantPreset.CPU`` shrinks the data and steps for CPU-sized runs.
+    """
+
+    output: Path
+    model: str | None = None
+    scheme: Scheme = field(default_factory=Scheme)
+    overwrite: bool = False
+    calibration: str = "wikitext2"  # a set declared in calibration/
+    data_dir: Path | None = None
+    seed: int = 0
+    seq_len: int = 2048
+    rotation_mode: RotationMode = RotationMode.LEARNED
+    rotation_steps: int = 100
+    rotation_samples: int = 800
+    rotation_lr: float = 1.5
+    learn_against: LearnTarget = LearnTarget.ACTIVATIONS  # what the quantizers in the loop quantize
+    rotations: Path | None = None  # reuse saved rotations (skips learning)
+    r4: bool = True  # online Hadamard before down_proj (falls back to off, recorded, if no Hadamard fits)
+    method: Method = Method.GPTQ  # GPTQ or RTN for the block linears
+    gptq_samples: int = 128
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = False  # GPTQ columns by decreasing activation energy (static groups)
+    work_dir: Path | None = None  # resumable stage files; default: a hidden sibling of output
+
+    def __post_init__(self) -> None:
+        for name, kind in (("rotation_mode", RotationMode), ("method", Method), ("learn_against", LearnTarget)):
+            object.__setattr__(self, name, kind(getattr(self, name)))  # strings from JSON/CLI
+        if self.method not in (Method.GPTQ, Method.RTN):
+            raise QuantkitError(f"spinquant quantizes block linears by gptq or rtn, not {self.method.value}")
+        checks = {"seq_len": self.seq_len >= 2, "rotation_steps": self.rotation_steps >= 1,
+                  "rotation_samples": self.rotation_samples >= 1, "gptq_samples": self.gptq_samples >= 1,
+                  "rotation_lr": self.rotation_lr > 0, "damp": self.damp > 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise QuantkitError(f"invalid spinquant settings: {', '.join(f'{n}={getattr(self, n)}' for n in bad)} "
+                                "(need seq_len >= 2, positive counts, lr and damp)")
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.work_dir or self.output.with_name(f".{self.output.name}.spinquant-work")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scheme"] = self.scheme.to_dict()
+        for key, value in d.items():
+            if isinstance(value, Path):
+                d[key] = str(value)
+            elif isinstance(value, enum.Enum):
+                d[key] = value.value
         return d

@@ -111,7 +111,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
                                                      use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise QuantkitError(f"could not load the model in {path}: {exc}") from exc
-    source_hash = _read_source_hash(path) or _sha256_files(files)
+    source_hash = read_source_hash(path) or sha256_files(files)
     return LoadedModel(model.eval(), load_tokenizer(path), str(path), source_hash)
 
 
@@ -129,7 +129,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.to(dtype)
-    return LoadedModel(model.eval(), tokenizer, str(path), _sha256_files([path]))
+    return LoadedModel(model.eval(), tokenizer, str(path), sha256_files([path]))
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
@@ -156,7 +156,7 @@ def load_tokenizer(path: Path) -> object | None:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _sha256_files(files: list[Path]) -> str:
+def sha256_files(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
@@ -168,7 +168,7 @@ def _sha256_files(files: list[Path]) -> str:
 _SOURCE_FILE = "quantkit-source.json"  # beside a converted default model: where it came from
 
 
-def _read_source_hash(path: Path) -> str | None:
+def read_source_hash(path: Path) -> str | None:
     f = path / _SOURCE_FILE
     return json.loads(f.read_text())["sha256"] if f.is_file() else None
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quantkit import kernels
+from quantkit.algorithms.hadamard import hadamard_transform
 from quantkit.packing import pack_int4
 from quantkit.primitives import choose_scales, quantize
 from quantkit.scheme import Scheme
@@ -33,14 +34,23 @@ class Kind(str, enum.Enum):
     INT8_EMBEDDING = "int8_embedding"
 
 
+class InputTransform(str, enum.Enum):
+    """An online transform of an Int4Linear's input, applied before the kernel (recorded in metadata)."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"  # x Hᵀ / sqrt(K), fast Walsh–Hadamard (SpinQuant's R4 before down_proj)
+
+
 class Int4Linear(nn.Module):
     """Linear with packed int4 groupwise weights and optional per-token dynamic int8 activations."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, act_bits: int | None,
-                 scale_dtype: torch.dtype, bias: bool = False, bias_dtype: torch.dtype = torch.bfloat16):
+                 scale_dtype: torch.dtype, bias: bool = False, bias_dtype: torch.dtype = torch.bfloat16,
+                 input_transform: InputTransform = InputTransform.NONE):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.act_bits = group_size, act_bits
+        self.input_transform = InputTransform(input_transform)  # folded into the weight; applied online
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=scale_dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
@@ -59,12 +69,15 @@ class Int4Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is InputTransform.HADAMARD:
+            x = hadamard_transform(x)  # before the kernel, so every backend sees the same input
         return kernels.linear_int4(x, self.qweight, self.scales, self.group_size, self.act_bits,
                                    self.bias, self.kernel_cache)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, act_bits={self.act_bits}")
+                f"group_size={self.group_size}, act_bits={self.act_bits}"
+                + ("" if self.input_transform is InputTransform.NONE else f", input_transform={self.input_transform.value}"))
 
 
 class Int8Linear(nn.Module):
@@ -132,13 +145,18 @@ class Plan:
 
     modules: dict[str, Kind] = field(default_factory=dict)
     unquantized: dict[str, str] = field(default_factory=dict)  # name -> reason
+    input_transforms: dict[str, InputTransform] = field(default_factory=dict)  # Int4Linear name -> transform
 
     def to_dict(self) -> dict:
-        return {"modules": {k: v.value for k, v in self.modules.items()}, "unquantized": dict(self.unquantized)}
+        d = {"modules": {k: v.value for k, v in self.modules.items()}, "unquantized": dict(self.unquantized)}
+        if self.input_transforms:  # only written when used: older checkpoints stay byte-identical
+            d["input_transforms"] = {k: v.value for k, v in self.input_transforms.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        return cls({k: Kind(v) for k, v in d["modules"].items()}, dict(d.get("unquantized", {})))
+        return cls({k: Kind(v) for k, v in d["modules"].items()}, dict(d.get("unquantized", {})),
+                   {k: InputTransform(v) for k, v in d.get("input_transforms", {}).items()})
 
 
 def untie_embeddings(model: nn.Module) -> None:
@@ -194,22 +212,30 @@ def rtn_codes(scheme: Scheme) -> Int4Codes:
 
 
 def quantize_(model: nn.Module, scheme: Scheme, int4_codes: Int4Codes | None = None,
-              progress: Callable[[str], None] | None = None) -> Plan:
+              progress: Callable[[str], None] | None = None,
+              input_transforms: dict[str, InputTransform] | None = None) -> Plan:
     """Swap ``model``'s float modules for quantized ones in place; returns the plan applied.
 
     ``int4_codes`` chooses the block linears' integer codes (RTN by default; GPTQ passes its
     own). The head and the embedding are always per-channel RTN, as in the Llama 3.2 release.
     Layers the scheme cannot quantize stay float, with a warning naming them.
+    ``input_transforms`` names Int4Linears whose input is transformed online (the transform must
+    already be folded into their float weight); it is recorded in the plan.
     """
     if scheme.untie_embeddings:
         untie_embeddings(model)
     plan = plan_for(model, scheme)
+    plan.input_transforms = {n: InputTransform(t) for n, t in (input_transforms or {}).items()
+                             if plan.modules.get(n) is Kind.INT4_LINEAR and t is not InputTransform.NONE}
     for name, reason in plan.unquantized.items():
         log.warning("leaving %s unquantized: %s", name, reason)
     int4_codes = int4_codes or rtn_codes(scheme)
     for name, kind in plan.modules.items():
         float_mod = model.get_submodule(name)
-        _set_submodule(model, name, _quantized(float_mod, kind, scheme, lambda w, n=name: int4_codes(n, w)))
+        new = _quantized(float_mod, kind, scheme, lambda w, n=name: int4_codes(n, w))
+        if name in plan.input_transforms:
+            new.input_transform = plan.input_transforms[name]
+        _set_submodule(model, name, new)
         if progress:
             progress(name)
     return plan
@@ -238,7 +264,8 @@ def make_empty(model: nn.Module, plan: Plan, scheme: Scheme) -> None:
         mod = model.get_submodule(name)
         has_bias = getattr(mod, "bias", None) is not None
         if kind is Kind.INT4_LINEAR:
-            new = Int4Linear(mod.in_features, mod.out_features, scheme.group_size, scheme.act_bits, sd, has_bias)
+            new = Int4Linear(mod.in_features, mod.out_features, scheme.group_size, scheme.act_bits, sd, has_bias,
+                             input_transform=plan.input_transforms.get(name, InputTransform.NONE))
         elif kind is Kind.INT8_LINEAR:
             new = Int8Linear(mod.in_features, mod.out_features, scheme.act_bits, sd, has_bias)
         else:

@@ -1,0 +1,155 @@
+"""GPTQ: quantize a linear's columns one at a time, spreading each rounding error over the rest.
+
+For a linear ``W [N, K]`` and calibration inputs ``X [T, K]``, GPTQ minimizes
+``‖X Wᵀ - X Qᵀ‖²`` column by column with the Hessian ``H = Xᵀ X / T [K, K]``: after rounding
+column ``j`` the error ``(w_j - q_j) / U_jj`` is pushed onto the columns not yet rounded through
+row ``j`` of ``U``, the upper Cholesky factor of ``H⁻¹``. Rounding itself is the shared
+primitives' ``quantize`` with symmetric per-group scales, exactly as RTN, so the codes and
+scales fit the packed format and every kernel unchanged.
+
+* **Damping**: ``H += damp · mean(diag H) · I`` (default 1%); columns never activated
+  (``H_jj = 0``) are zeroed and get ``H_jj = 1``.
+* **Scales**: without act-order a group's scale is chosen when GPTQ reaches its first column,
+  from the weights as updated so far. With **act-order** (columns in decreasing ``H_jj``) the
+  scales are *static*: chosen from the original weights before any column moves, so groups stay
+  the contiguous 32-column blocks of the format and the kernel does not change.
+* :func:`gptq_layer` runs one decoder layer **true-sequentially**: q/k/v from the layer's inputs,
+  then o_proj from inputs computed with q/k/v already quantized, then gate/up, then down — each
+  group's Hessian comes from a forward pass that stops right after the group, and the layer's
+  weights are replaced by their dequantized values as it goes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.primitives import choose_scales, dequantize, quantize
+
+#: the linears of a Llama block in true-sequential groups (those in a group share one input)
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                  scale_dtype: torch.dtype = torch.float32, damp: float = 0.01, act_order: bool = False,
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[N, K]`` (int8) and scales ``[N, K/group_size]`` for ``weight [N, K]`` given ``hessian [K, K]``."""
+    w = weight.detach().double().clone()  # [N, K], updated in place as errors are spread
+    h = hessian.detach().double().clone()
+    n, k = w.shape
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    # static scales (act-order) come from the original weights, group by original column
+    scales = choose_scales(w, bits, group_size, scale_dtype) if act_order else \
+        torch.zeros(n, k // group_size, dtype=scale_dtype)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [K, K]
+    codes = torch.zeros(n, k, dtype=torch.int8)
+    block = max(group_size, block_size // group_size * group_size)  # whole groups per block (lazy scales)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        err_block = torch.zeros(n, end - start, dtype=torch.float64)
+        for i in range(start, end):
+            col = int(perm[i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # without act-order perm is the identity
+                scales[:, g] = choose_scales(w[:, i : i + group_size], bits, None, scale_dtype)[:, 0]
+            s = scales[:, g : g + 1]  # [N, 1]
+            q = quantize(w[:, i : i + 1], s, bits, group_size=1)  # [N, 1] int8
+            codes[:, col] = q[:, 0]
+            err = (w[:, i] - dequantize(q, s, group_size=1, dtype=torch.float64)[:, 0]) / u[i, i]  # [N]
+            w[:, i + 1 : end] -= err[:, None] * u[i, i + 1 : end][None, :]
+            err_block[:, i - start] = err
+        w[:, end:] -= err_block @ u[start:end, end:]
+    return codes, scales
+
+
+class HessianHook:
+    """Accumulates ``Xᵀ X / T`` of a linear's inputs (after any pre-hook transforms) in float64."""
+
+    def __init__(self, module: nn.Linear):
+        k = module.in_features
+        self.hessian = torch.zeros(k, k, dtype=torch.float64)
+        self.tokens = 0
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [T, K]
+        self.hessian *= self.tokens / (self.tokens + x.shape[0])
+        self.tokens += x.shape[0]
+        self.hessian += x.T @ x / self.tokens
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward pass once the wanted inputs are seen."""
+
+
+def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits: int, group_size: int,
+               scale_dtype: torch.dtype, damp: float = 0.01, act_order: bool = False,
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """GPTQ every linear of one decoder ``layer`` on its ``inputs [n, L, D]`` (one sample per forward).
+
+    Returns ``{name: (codes, scales)}`` (names relative to the layer) and the quantized layer's
+    outputs ``[n, L, D]`` — the next layer's inputs. The layer's float weights are left holding
+    the dequantized values.
+    """
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for group in SEQUENTIAL_GROUPS:
+        mods = [layer.get_submodule(name) for name in group]
+        hook = HessianHook(mods[0])  # the group's linears share one input, so one Hessian
+        stop = mods[-1].register_forward_hook(lambda *_: _raise_stop())
+        try:
+            with torch.no_grad():
+                for x in inputs:  # [L, D]: one sample at a time bounds the activations' memory
+                    try:
+                        layer(x[None], **layer_kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            stop.remove()
+            hook.handle.remove()
+        # one GPTQ pass over the group's weights stacked by output rows: [sum N, K]
+        stacked = torch.cat([mod.weight.detach().float() for mod in mods])
+        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order)
+        rows = [mod.out_features for mod in mods]
+        for name, mod, c, s in zip(group, mods, codes.split(rows), scales.split(rows), strict=True):
+            with torch.no_grad():
+                mod.weight.copy_(dequantize(c, s, group_size, mod.weight.dtype))
+            results[name] = (c.contiguous(), s.contiguous())
+    with torch.no_grad():
+        outputs = torch.stack([layer(x[None], **layer_kwargs)[0] for x in inputs])
+    return results, outputs
+
+
+def _raise_stop() -> None:
+    raise _Stop
+
+
+def capture_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The first decoder layer's inputs ``[n, L, D]`` for token windows ``ids [n, L]``, and the
+    keyword arguments the model passes every layer (mask, position embeddings; same for all windows)."""
+    first = model.model.layers[0]
+    captured: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def grab(_mod: nn.Module, args: tuple, kw: dict) -> None:
+        captured.append(args[0].detach()[0] if args else kw["hidden_states"].detach()[0])
+        kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values",
+                                                                 "use_cache")})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for row in ids:
+                try:
+                    model(row[None], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return torch.stack(captured), kwargs

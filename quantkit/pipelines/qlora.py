@@ -1,0 +1,236 @@
+"""QLoRA, Llama 3.2 style: QAT, then LoRA on the frozen QAT backbone, then DPO; packed int4 + bf16 adapters.
+
+1. **QAT**: every module the scheme quantizes is swapped for its fake-quantized twin
+   (:mod:`quantkit.training.qat`, the packed kernel's math with straight-through gradients) and the
+   whole model is fine-tuned on instruction data (loss on responses only).
+2. **LoRA**: that backbone is frozen; bf16 LoRA adapters on every block linear are trained on
+   the same kind of data.
+3. **DPO**: backbone and adapters are trained together on preference pairs against the frozen
+   stage-2 model; a held-out slice of pairs is scored before and after.
+
+Training runs on float32 master weights (bf16 would round away small updates); the release
+casts the remaining float tensors (norms, adapters) to bf16. The packed checkpoint keeps the
+adapters as an unmerged side path (``--merge-lora`` folds them in, which requantizes).
+
+Stages write their results next to the output, in ``<output>.stages/``; a rerun with the same
+configuration resumes after the last finished stage (and from the last step checkpoint inside
+a stage). The directory is removed once the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit.checkpoint import check_output, save_checkpoint
+from quantkit.config import QLoRAConfig
+from quantkit.data import encode, wikitext2_test_text
+from quantkit.errors import QuantkitError
+from quantkit.evaluate import perplexity
+from quantkit.model import load_model
+from quantkit.modules import Int8Embedding
+from quantkit.progress import err, progress_bar
+from quantkit.scheme import Method
+from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
+from quantkit.training.loops import batch_indices, run_stage, train
+from quantkit.training.lora import add_lora, check_rank, lora_metadata, merge_lora_
+from quantkit.training.qat import convert_qat, prepare_qat
+from quantkit.training.records import collate, preference_pairs, sft_records, tokenize
+from quantkit.training.sft import sft_loss
+
+REPORT_FILE = "qlora_report.json"
+
+
+def run_qlora(config: QLoRAConfig) -> Path:
+    """Run the three stages on ``config.model`` and write the packed checkpoint; returns its directory."""
+    check_output(config.output, config.overwrite)
+    loaded = load_model(config.model)
+    model, tok = loaded.model.float(), loaded.tokenizer  # fp32 master weights, in place
+    if tok is None:
+        raise QuantkitError(f"{loaded.source} has no tokenizer; qlora trains on text and needs one")
+    check_rank(model, config.lora.rank)
+    data = _Data(config, tok)  # bad data is refused before anything is written
+    work = _work_dir(config)
+    report = {"eval": {"windows": config.eval_windows, "seq_len": config.eval_seq_len},
+              "perplexity_float": _cached_perplexity(work / "ppl-float.json", model, data, config, "ppl float")}
+
+    prepare_qat(model, config.scheme)  # (1) QAT: fake-quantized forward, every weight trained
+    # Before any training the fake-quantized model is vanilla PTQ (round-to-nearest), exactly.
+    report["perplexity_ptq"] = _cached_perplexity(work / "ppl-ptq.json", model, data, config, "ppl vanilla PTQ")
+    report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
+        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress))
+
+    model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained
+    torch.manual_seed(config.seed)  # the adapters' A init: a resumed run must draw the same one
+    add_lora(model, config.lora.rank, config.lora.alpha)
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    report["lora"] = run_stage(work, "lora", model, lambda progress: _sft_stage(
+        "lora", model, adapters, config.lora, data, config, progress))
+
+    model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
+    report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress))
+
+    if config.merge_lora:
+        merge_lora_(model)  # requantized below: what QAT bought for these weights is partly lost
+    plan = convert_qat(model, config.scheme)  # packed int4 / int8: the grid QAT trained on
+    _release_dtypes(model)
+    path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="qlora", method=Method.QAT.value,
+                           config=config.to_dict(), overwrite=config.overwrite, lora=lora_metadata(model),
+                           extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Data:
+    """Tokenized SFT examples, training / held-out preference pairs, and the perplexity text."""
+
+    def __init__(self, config: QLoRAConfig, tok):
+        self._sft = sft_records(config.sft_data, config.data_dir)  # all validated, tokenized on demand
+        pairs = preference_pairs(config.pref_data, config.data_dir)
+        n_heldout = config.dpo.heldout_pairs
+        if len(pairs) <= n_heldout:
+            raise QuantkitError(f"{config.pref_data} has {len(pairs)} preference pairs; at least "
+                                f"--heldout-pairs + 1 = {n_heldout + 1} are needed")
+        # Held out: a seeded random slice, never trained on.
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        self._tok, self._seq_len = tok, config.seq_len
+        self._train_pairs = [pairs[i] for i in order[n_heldout:]]
+        self.heldout = [self._tokenized(pairs[i]) for i in order[:n_heldout]]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.eval_ids = _eval_prefix_ids(tok, wikitext2_test_text(config.data_dir),
+                                         config.eval_windows * config.eval_seq_len)
+
+    @property
+    def n_sft(self) -> int:
+        return len(self._sft)
+
+    def sft_example(self, i: int):
+        record = self._sft[i]
+        return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], self._seq_len)
+
+    @property
+    def n_train_pairs(self) -> int:
+        return len(self._train_pairs)
+
+    def train_pair(self, i: int):
+        return self._tokenized(self._train_pairs[i])  # on demand: only the pairs a run samples
+
+    def _tokenized(self, pair):
+        return (tokenize(self._tok, pair.prompt, pair.chosen, self._seq_len),
+                tokenize(self._tok, pair.prompt, pair.rejected, self._seq_len))
+
+
+def _eval_prefix_ids(tok, text: str, needed: int) -> torch.Tensor:
+    """The ids of the text's start, enough for ``needed`` tokens: the same ids ``quantkit eval`` scores.
+
+    Tokenizing the whole split costs seconds per run; a prefix cut at a paragraph break tokenizes
+    identically up to the cut (pre-tokenization splits at whitespace), and only the start is scored.
+    """
+    chars = 16 * needed
+    while chars < len(text):
+        cut = text.find("\n\n", chars)
+        if cut < 0:
+            break
+        ids = encode(tok, text[:cut])
+        if len(ids) > needed + 64:  # the last words before the cut never reach the scored windows
+            return ids
+        chars *= 4
+    return encode(tok, text)
+
+
+def _work_dir(config: QLoRAConfig) -> Path:
+    """``<output>.stages``; refuses to resume a run started with another configuration."""
+    work = config.output.with_name(config.output.name + ".stages")
+    wanted = {k: v for k, v in config.to_dict().items() if k not in ("overwrite", "save_every")}
+    run_file = work / "run.json"
+    if run_file.is_file():
+        started = json.loads(run_file.read_text())
+        if started != wanted:
+            changed = sorted(k for k in set(started) | set(wanted) if started.get(k) != wanted.get(k))
+            raise QuantkitError(f"{work} holds an unfinished run with other settings ({', '.join(changed)}); "
+                                "rerun with those settings to resume, or pass --restart to discard it")
+        err.print(f"resuming the unfinished run in {work}")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(wanted, indent=2) + "\n")
+    return work
+
+
+def _perplexity(model, data: _Data, config: QLoRAConfig, description: str) -> float:
+    model.eval()
+    return perplexity(model, data.eval_ids, config.eval_seq_len, config.eval_windows, description).perplexity
+
+
+def _cached_perplexity(path: Path, model, data: _Data, config: QLoRAConfig, description: str) -> float:
+    """Perplexity, kept in ``path`` so that a resumed run does not score the same model again."""
+    if path.is_file():
+        return json.loads(path.read_text())["perplexity"]
+    ppl = _perplexity(model, data, config, description)
+    path.write_text(json.dumps({"perplexity": ppl}) + "\n")
+    return ppl
+
+
+def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRAConfig, progress: Path) -> dict:
+    def loss(step: int) -> torch.Tensor:
+        rows = batch_indices(data.n_sft, stage.batch_size, step, config.seed)
+        return sft_loss(model, collate([data.sft_example(i) for i in rows], data.pad_id))
+
+    model.train()
+    losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every)
+    return {"loss": losses, "perplexity": _perplexity(model, data, config, f"ppl after {name}")}
+
+
+def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Path) -> dict:
+    cfg = config.dpo
+    steps_rows = [batch_indices(data.n_train_pairs, cfg.batch_size, s, config.seed) for s in range(cfg.steps)]
+    ref = _reference(work / "dpo-reference.safetensors", model, data, sorted({i for r in steps_rows for i in r}), cfg)
+    before = preference_metrics(ref["heldout_chosen"], ref["heldout_rejected"], ref["heldout_chosen"],
+                                ref["heldout_rejected"], cfg.beta)  # the policy starts as the reference
+
+    def loss(step: int) -> torch.Tensor:
+        rows = steps_rows[step]
+        pc, pr = pair_logps(model, [data.train_pair(i) for i in rows], data.pad_id)
+        return dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
+
+    model.train()
+    losses = train("dpo", dict(model.named_parameters()), cfg.steps, cfg.lr, loss, progress, config.save_every)
+    model.eval()
+    pc, pr = reference_logps(model, data.heldout, data.pad_id, cfg.batch_size)  # the trained policy now
+    after = preference_metrics(pc, pr, ref["heldout_chosen"], ref["heldout_rejected"], cfg.beta)
+    return {"loss": losses, "perplexity": _perplexity(model, data, config, "ppl after dpo"),
+            "heldout_before": before.to_dict(), "heldout_after": after.to_dict()}
+
+
+def _reference(path: Path, model, data: _Data, rows: list[int], cfg) -> dict[str, torch.Tensor]:
+    """Log-probs under the frozen stage-2 model (the current weights), computed once and kept on disk.
+
+    ``train_*`` ``[P]`` holds the pairs the schedule samples (NaN elsewhere); ``heldout_*`` ``[H]``.
+    """
+    if path.is_file():
+        return load_file(str(path))
+    model.eval()
+    with progress_bar("dpo reference log-probs", len(rows) + len(data.heldout)) as advance:
+        train_c, train_r = (torch.full((data.n_train_pairs,), float("nan")) for _ in range(2))
+        c, r = reference_logps(model, [data.train_pair(i) for i in rows], data.pad_id, cfg.batch_size, advance)
+        train_c[rows], train_r[rows] = c, r
+        held_c, held_r = reference_logps(model, data.heldout, data.pad_id, cfg.batch_size, advance)
+    ref = {"train_chosen": train_c, "train_rejected": train_r, "heldout_chosen": held_c, "heldout_rejected": held_r}
+    save_file({k: v.float().contiguous() for k, v in ref.items()}, str(path))
+    return ref
+
+
+def _release_dtypes(model) -> None:
+    """bf16 for what stays float (norms, adapters, bias) and for the embedding's output."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    for mod in model.modules():
+        if isinstance(mod, Int8Embedding):
+            mod.dtype = torch.bfloat16
+    model.requires_grad_(False)

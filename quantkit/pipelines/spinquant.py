@@ -1,0 +1,176 @@
+"""SpinQuant: fuse norms, learn R1/R2 (Cayley SGD), fold R1/R2/R4 into the weights, GPTQ, save.
+
+The output is the same packed int4 checkpoint as ``quantkit ptq``; the only addition is the
+online Hadamard (R4) on every down_proj's input, recorded as ``InputTransform.HADAMARD`` in the
+metadata. Stages are saved in a work directory as they finish (the rotations, then each GPTQ
+layer with the next layer's inputs), so an interrupted run resumes from its last finished stage;
+the directory is removed once the checkpoint is written. Work runs in float32; the model is cast
+back to bfloat16 just before the modules are swapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+
+from quantkit.algorithms.gptq import capture_layer_inputs, gptq_layer
+from quantkit.algorithms.hadamard import supported
+from quantkit.algorithms.rotation import (Rotations, apply_rotations_, fuse_norms_, learn_rotations,
+                                          random_rotations)
+from quantkit.checkpoint import check_output, save_checkpoint
+from quantkit.config import RotationMode, SpinQuantConfig
+from quantkit.data import calibration_tokens
+from quantkit.errors import QuantkitError
+from quantkit.model import load_model
+from quantkit.modules import InputTransform, quantize_, untie_embeddings
+from quantkit.progress import err, progress_bar
+from quantkit.scheme import Method
+
+
+def run_spinquant(config: SpinQuantConfig) -> Path:
+    """Rotate ``config.model`` (SpinQuant R1/R2/R4), quantize it (GPTQ or RTN); returns the checkpoint dir."""
+    check_output(config.output, config.overwrite)
+    loaded = load_model(config.model)
+    if loaded.tokenizer is None:
+        raise QuantkitError(f"{loaded.source} has no tokenizer; spinquant calibrates on text")
+    model = loaded.model.float()  # [work in float32: rotations must keep the float model exact]
+    untie_embeddings(model)  # tied pairs would be rotated twice
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    r4, r4_note = config.r4, "on" if config.r4 else "off (--no-r4)"
+    if r4 and not supported(c.intermediate_size):
+        r4, r4_note = False, f"off: no Hadamard construction for intermediate size {c.intermediate_size}"
+        err.print(f"[yellow]warning[/]: R4 {r4_note}; continuing without it (recorded in the metadata)")
+    if config.rotation_mode is not RotationMode.NONE and config.rotations is None:
+        for what, n in (("hidden size", c.hidden_size), ("head_dim", head_dim)):
+            if not supported(n):
+                raise QuantkitError(f"no Hadamard construction for the {what} {n}, needed to initialize R1/R2; "
+                                    "pass --rotation-mode none or --rotations FILE")
+    # the calibration windows (refused when empty or too short) before any work: [n, seq_len]
+    learning = config.rotation_mode is RotationMode.LEARNED and config.rotations is None
+    n = max(config.rotation_samples if learning else 0, config.gptq_samples if config.method is Method.GPTQ else 0)
+    ids = calibration_tokens(loaded.tokenizer, config.calibration, max(n, 1), config.seq_len, config.seed,
+                             config.data_dir)
+    stages = _stage_dir(config)
+
+    fuse_norms_(model)
+    rot, losses = _rotations(config, model, ids, stages, r4)
+    hooks = apply_rotations_(model, rot)  # online R4 pre-hooks on the float down_projs
+    codes = _gptq(config, model, ids[: config.gptq_samples], stages) if config.method is Method.GPTQ else None
+    for h in hooks:
+        h.remove()
+
+    model.to(torch.bfloat16)  # the checkpoint's float parts (norm gains, now 1) in the baseline dtype
+    transforms = {f"model.layers.{i}.mlp.down_proj": InputTransform.HADAMARD for i in range(c.num_hidden_layers)}
+    with progress_bar("packing", c.num_hidden_layers * 7 + 2) as advance:
+        plan = quantize_(model, config.scheme, int4_codes=None if codes is None else lambda name, _w: codes[name],
+                         progress=lambda _name: advance(), input_transforms=transforms if r4 else None)
+    rotations_file = None
+    if rot.r1 is not None or rot.r2 is not None:
+        rotations_file = config.output.with_name(f"{config.output.name}.rotations.safetensors")
+        _atomic_save(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), rotations_file)
+    meta = {**config.to_dict(), "result": {"r4": r4_note, "rotation_losses": losses,
+                                           "rotations_file": None if rotations_file is None else str(rotations_file)}}
+    path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="spinquant",
+                           method=config.method.value, config=meta, overwrite=config.overwrite)
+    shutil.rmtree(stages, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages (each saved when finished, so an interrupted run resumes)
+
+
+def _stage_dir(config: SpinQuantConfig) -> Path:
+    """The work directory for this exact run; stale stages of a different run are discarded."""
+    d = config.to_dict()
+    for key in ("output", "overwrite", "work_dir"):
+        d.pop(key)
+    fingerprint = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    stages = config.stage_dir
+    state = stages / "run.json"
+    if stages.exists() and not (state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint):
+        err.print(f"[yellow]note[/]: discarding {stages} (stages of a run with other settings)")
+        shutil.rmtree(stages)
+    if state.is_file():
+        err.print(f"resuming from the finished stages in {stages}")
+    stages.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"fingerprint": fingerprint, "config": d}))
+    return stages
+
+
+def _atomic_save(write, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, stages: Path,
+               r4: bool) -> tuple[Rotations, list[float]]:
+    """From --rotations, the finished stage, learning, a random init or none (R4 as decided)."""
+    finished = stages / "rotations.safetensors"
+    if config.rotations is not None or finished.is_file():
+        source = config.rotations or finished
+        rot, meta = Rotations.load(source)
+        rot.r4 = r4
+        rot.check(model, str(source))
+        return rot, json.loads(meta.get("losses", "[]"))
+    if config.rotation_mode is RotationMode.NONE:
+        return Rotations(None, None, r4), []
+    rot = random_rotations(model, config.seed, r4=r4)
+    losses: list[float] = []
+    if config.rotation_mode is RotationMode.LEARNED:
+        columns = (TextColumn("[bold]learning R1/R2"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, disable=not err.is_terminal) as bar:
+            task = bar.add_task("rotations", total=config.rotation_steps, loss="-")
+            rot, losses = learn_rotations(
+                model, rot, ids[: config.rotation_samples], config.scheme, config.rotation_steps,
+                config.rotation_lr, config.learn_against,
+                on_step=lambda _s, loss: bar.update(task, advance=1, loss=f"{loss:.4f}"))
+    rot = Rotations(rot.r1.float(), rot.r2.float(), r4)  # what is saved is exactly what is used
+    _atomic_save(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), finished)
+    return Rotations.load(finished)[0], losses
+
+
+def _gptq(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor,
+          stages: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ layer by layer (one layer's inputs in memory); each finished layer is a stage."""
+    scheme = config.scheme
+    layers = model.model.layers
+    inputs_file = stages / "gptq-inputs.safetensors"  # inputs of layer ``next`` (its metadata)
+    inputs, layer_kwargs = capture_layer_inputs(model, ids)  # [n, L, D]; kwargs: mask, rotary cos/sin
+    start = 0
+    if inputs_file.is_file():
+        saved = load_file(str(inputs_file))
+        inputs, start = saved["inputs"], int(saved["next"])
+    codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with progress_bar("GPTQ (layers)", len(layers)) as advance:
+        advance(start)
+        for i, layer in enumerate(layers):
+            prefix = f"model.layers.{i}"
+            layer_file = stages / f"gptq-layer{i:03d}.safetensors"
+            if i < start:  # finished before the interruption
+                saved = load_file(str(layer_file))
+                codes.update({f"{prefix}.{k[:-6]}": (saved[k], saved[f"{k[:-6]}.scales"])
+                              for k in saved if k.endswith(".codes")})
+                continue
+            result, inputs = gptq_layer(layer, inputs, layer_kwargs, scheme.linear_bits, scheme.group_size,
+                                        scheme.scale_dtype.torch, config.damp, config.act_order)
+            tensors = {f"{k}.{part}": t for k, (q, s) in result.items() for part, t in (("codes", q), ("scales", s))}
+            _atomic_save(lambda tmp, t=tensors: save_file(t, str(tmp)), layer_file)
+            _atomic_save(lambda tmp: save_file({"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)},
+                                               str(tmp)), inputs_file)
+            codes.update({f"{prefix}.{k}": v for k, v in result.items()})
+            advance()
+    return codes

@@ -1,0 +1,119 @@
+"""LoRA as a wrapper module: ``y = base(x) + (alpha / rank) * B (A x)``, never merged unless asked.
+
+``LoRALinear(base, rank, alpha)`` wraps any linear — ``nn.Linear``, a ``QATLinear``, a packed
+``Int4Linear`` — so the side path runs on every kernel path without touching the kernels: the base
+computes its own (quantized) product and the adapter adds a bf16 low-rank term from the
+*unquantized* input. ``B`` starts at zero, so a fresh adapter changes nothing.
+
+In a checkpoint the wrapped linear's tensors are ``<name>.base.*`` and the adapter's are
+``<name>.lora_A [rank, in]`` and ``<name>.lora_B [out, rank]``; ``quantkit.json`` records
+``{"rank", "alpha", "dtype", "modules"}`` under ``"lora"`` so loading rebuilds the wrappers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.modules import block_linear_names
+
+
+class LoRALinear(nn.Module):
+    """A linear plus an unmerged low-rank side path of rank ``rank`` scaled by ``alpha / rank``."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dtype: torch.dtype | None = None,
+                 name: str = "this layer"):
+        super().__init__()
+        in_f, out_f = base.in_features, base.out_features
+        if not 1 <= rank <= min(in_f, out_f):
+            raise QuantkitError(f"LoRA rank must be between 1 and min(in, out) = {min(in_f, out_f)} of {name} "
+                                f"({in_f} -> {out_f}), got {rank}")
+        self.base, self.rank, self.alpha = base, rank, float(alpha)
+        self.in_features, self.out_features = in_f, out_f
+        self.lora_A = nn.Parameter(torch.empty(rank, in_f, dtype=dtype))  # [r, K]
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=dtype))  # [N, r]; zero: starts as a no-op
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initializes its weight
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [..., N], the base's own (possibly quantized) math
+        side = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (side * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged update ``(alpha / rank) B A`` ``[N, K]`` in float32."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}"
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, names: list[str] | None = None,
+             dtype: torch.dtype | None = None) -> list[str]:
+    """Wrap every linear of every transformer block (or ``names``) in ``LoRALinear``; returns the names."""
+    names = block_linear_names(model) if names is None else names
+    for name in names:
+        base = model.get_submodule(name)
+        wrapper = LoRALinear(base, rank, alpha, dtype=dtype or _param_dtype(base), name=name)
+        _set_submodule(model, name, wrapper)
+    return names
+
+
+def check_rank(model: nn.Module, rank: int) -> None:
+    """Refuse a rank no block linear can hold, before any training starts."""
+    for name in block_linear_names(model):
+        mod = model.get_submodule(name)
+        if not 1 <= rank <= min(mod.in_features, mod.out_features):
+            raise QuantkitError(f"--lora-rank must be between 1 and {min(mod.in_features, mod.out_features)} "
+                                f"(the smallest side of {name}, {mod.in_features} -> {mod.out_features}); "
+                                f"got {rank}")
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+def merge_lora_(model: nn.Module) -> None:
+    """Fold every adapter into its float base weight (``W += (alpha/r) B A``) and drop the wrappers."""
+    for name, wrapper in lora_modules(model).items():
+        weight = getattr(wrapper.base, "weight", None)
+        if weight is None:
+            raise QuantkitError(f"cannot merge the adapter of {name}: its base has no float weight "
+                                "(merge before converting to packed int4)")
+        with torch.no_grad():
+            weight.copy_((weight.float() + wrapper.delta_weight()).to(weight.dtype))
+        _set_submodule(model, name, wrapper.base)
+
+
+def lora_metadata(model: nn.Module) -> dict | None:
+    """What ``quantkit.json`` records so that loading rebuilds the wrappers (None without adapters)."""
+    mods = lora_modules(model)
+    if not mods:
+        return None
+    first = next(iter(mods.values()))
+    return {"rank": first.rank, "alpha": first.alpha, "dtype": str(first.lora_A.dtype).removeprefix("torch."),
+            "modules": list(mods)}
+
+
+def add_lora_from_metadata(model: nn.Module, meta: dict) -> None:
+    add_lora(model, meta["rank"], meta["alpha"], meta["modules"], getattr(torch, meta["dtype"]))
+
+
+def _param_dtype(mod: nn.Module) -> torch.dtype:
+    weight = getattr(mod, "weight", None)
+    return weight.dtype if weight is not None else torch.bfloat16  # packed linears: bf16 adapters
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,130 @@
+"""Quantization-aware training by module swap: float weights, the packed kernel's math in the forward.
+
+``QATLinear`` and ``QATEmbedding`` subclass ``nn.Linear`` / ``nn.Embedding`` and keep the float
+weight as the trainable parameter. Their forward is, op for op, what the reference kernel computes
+from the packed checkpoint (see :mod:`quantkit.kernels.reference`): activations fake-quantized per
+token in float32, weights fake-quantized with the scheme's bits, group size and scale dtype, the
+product in float32, cast back to the input's dtype. Gradients pass straight through both
+roundings (:func:`quantkit.primitives.fake_quantize`).
+
+Because they *are* ``nn.Linear`` / ``nn.Embedding``, ``quantkit.modules.quantize_`` converts a
+QAT model with plain RTN of the trained weights, which is exactly the grid the forward used:
+after ``convert_qat`` the packed model computes what the QAT model computed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from quantkit.modules import Kind, Plan, plan_for, quantize_, untie_embeddings
+from quantkit.primitives import fake_quantize
+from quantkit.scheme import Scheme
+
+log = logging.getLogger(__name__)
+
+
+class QATLinear(nn.Linear):
+    """``nn.Linear`` whose forward fake-quantizes weights (per group) and activations (per token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int,
+                 group_size: int | None, act_bits: int | None, scale_dtype: torch.dtype,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_bits, self.group_size, self.act_bits = weight_bits, group_size, act_bits
+        self.scale_dtype = scale_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_bits: int, group_size: int | None, act_bits: int | None,
+                    scale_dtype: torch.dtype) -> QATLinear:
+        """Wrap ``linear``'s own parameters (shared, not copied)."""
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, group_size,
+                  act_bits, scale_dtype, device="meta")  # no allocation: the parameters are reassigned
+        mod.weight = linear.weight
+        mod.bias = linear.bias
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xq = xf if self.act_bits is None else fake_quantize(xf, self.act_bits, None)  # [..., K] per token
+        wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype)  # [N, K]
+        out = nn.functional.linear(xq, wq)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, weight_bits={self.weight_bits}, group_size={self.group_size}, "
+                f"act_bits={self.act_bits}")
+
+
+class QATEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose rows are fake-quantized per row (one scale per vocabulary row)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, scale_dtype: torch.dtype,
+                 padding_idx: int | None = None, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self.bits, self.scale_dtype = bits, scale_dtype
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, scale_dtype: torch.dtype) -> QATEmbedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, bits, scale_dtype, emb.padding_idx, device="meta")
+        mod.weight = emb.weight
+        return mod
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Scales are per row, so quantizing only the gathered rows [..., D] equals quantizing the table.
+        rows = nn.functional.embedding(ids, self.weight, self.padding_idx)
+        return fake_quantize(rows.float(), self.bits, None, self.scale_dtype).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}"
+
+
+def prepare_qat(model: nn.Module, scheme: Scheme) -> Plan:
+    """Swap every module the scheme quantizes for its fake-quantized twin, in place; returns the plan.
+
+    Block linears: int4 per group with int8 per-token activations; head: int8 per channel with
+    int8 activations; embedding: int8 per row. What the scheme leaves float stays ``nn.Linear``.
+    """
+    if scheme.untie_embeddings:
+        untie_embeddings(model)
+    plan = plan_for(model, scheme)
+    for name, reason in plan.unquantized.items():
+        log.warning("leaving %s unquantized: %s", name, reason)
+    sd = scheme.scale_dtype.torch
+    for name, kind in plan.modules.items():
+        mod = model.get_submodule(name)
+        if kind is Kind.INT4_LINEAR:
+            new = QATLinear.from_linear(mod, scheme.linear_bits, scheme.group_size, scheme.act_bits, sd)
+        elif kind is Kind.INT8_LINEAR:
+            new = QATLinear.from_linear(mod, scheme.head_bits, None, scheme.act_bits, sd)
+        else:
+            new = QATEmbedding.from_embedding(mod, scheme.embedding_bits, sd)
+        _set_submodule(model, name, new)
+    return plan
+
+
+def convert_qat(model: nn.Module, scheme: Scheme) -> Plan:
+    """Replace the QAT modules by packed ones (RTN of the trained weights = the grid QAT trained on).
+
+    LoRA wrappers stay in place around their (now packed) base linear; the plan names the base
+    linears by their model names, as in every other checkpoint.
+    """
+    from quantkit.training.lora import LoRALinear
+
+    wrappers = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
+    for name, wrapper in wrappers.items():  # unwrap: quantize_ sees the model's own linears
+        _set_submodule(model, name, wrapper.base)
+    plan = quantize_(model, scheme)
+    for name, wrapper in wrappers.items():  # rewrap around the packed linear
+        wrapper.base = model.get_submodule(name)
+        _set_submodule(model, name, wrapper)
+    return plan
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
