@@ -14,7 +14,8 @@ export QUANTKIT_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 DEMO_OUT     ?= out/demo
-DEMO_WINDOWS ?= 20
+DEMO_WINDOWS ?= 20  # WikiText-2 test windows of 2048 tokens
+DEMO_LIMIT   ?= 100  # documents per lm-eval task
 
 .PHONY: install demo test kernel clean
 
@@ -38,7 +39,9 @@ demo: install
 	$(BIN)/quantkit spinquant --preset cpu --output $(DEMO_OUT)/smollm2-spinquant --overwrite
 	# QAT -> LoRA -> DPO at CPU size (a smoke-sized run of the recipe; resumes if interrupted)
 	$(BIN)/quantkit qlora --preset cpu --output $(DEMO_OUT)/smollm2-qlora --overwrite
-	$(BIN)/quantkit eval default $(DEMO_OUT)/smollm2-ptq $(DEMO_OUT)/smollm2-spinquant $(DEMO_OUT)/smollm2-qlora --max-windows $(DEMO_WINDOWS) --json $(DEMO_OUT)/perplexity.json
+	# bf16 baseline vs the three checkpoints: token perplexity, tasks, speed, size, memory
+	$(BIN)/quantkit compare report $(DEMO_OUT)/smollm2-ptq $(DEMO_OUT)/smollm2-spinquant $(DEMO_OUT)/smollm2-qlora \
+		--output $(DEMO_OUT)/report --overwrite --max-windows $(DEMO_WINDOWS) --limit $(DEMO_LIMIT) --bench
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -95,7 +95,20 @@ def _synthetic(name: str):
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory since it exec'd.
+
+    Not ``getrusage``: Linux carries ``ru_maxrss`` across fork+exec, so a benchmark started from a
+    big parent (the report, with models and lm-eval loaded) would report the parent's footprint.
+    ``VmHWM`` belongs to the address space, which exec replaces.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass  # not Linux: fall back to getrusage (KiB on Linux, bytes on macOS)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(spec: str, config: ModelBenchConfig) -> dict:

@@ -119,3 +119,12 @@ def test_bench_model_json_has_the_summary_keys(tmp_path):
         assert s[key] > 0, key
     assert result["model"] == "synthetic:tiny:8da4w" and result["baseline"]["model"] == "synthetic:tiny"
     assert s["size_ratio"] < 0.6  # int4 blocks + int8 head and embedding vs bf16 (tied, stored once)
+
+
+def test_bench_peak_rss_is_the_benchmark_alone_not_its_parent():
+    from quantkit.bench_model import ModelBenchConfig, bench_model
+
+    ballast = torch.ones(600 * 2**20, dtype=torch.uint8)  # the parent holds 600 MiB when it starts the child
+    result = bench_model("synthetic:tiny", ModelBenchConfig(new_tokens=2, prefill_tokens=8, repeats=1))
+    assert ballast.sum() > 0
+    assert result["summary"]["peak_rss_mib"] < 550  # a tiny model in a fresh interpreter
