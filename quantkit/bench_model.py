@@ -39,7 +39,7 @@ SYNTHETIC = {
     "llama-3.2-3b": _shapes(*MODELS["llama-3.2-3b"], layers=28),
     "tiny": _shapes(64, 128, 4, 2, 16, 256, layers=2),
 }
-SYNTHETIC_PREFIX = "synthetic:"  # "synthetic:llama-3.2-1b" = bf16, "synthetic:llama-3.2-1b:8da4w" = quantized
+SYNTHETIC_PREFIX = "synthetic:"  # "synthetic:llama-3.2-1b" = bf16, "synthetic:llama-3.2-1b:8da4w" = its PTQ
 
 
 @dataclass(frozen=True)
@@ -58,40 +58,57 @@ class ModelBenchConfig:
 
 def _load(spec: str):
     """(model, size in MiB) for a model spec: synthetic, a checkpoint, or a float model."""
-    if spec.startswith(SYNTHETIC_PREFIX):
-        return _synthetic(spec[len(SYNTHETIC_PREFIX):])
     from quantkit.checkpoint import load_any
     from quantkit.model import default_model_dir
 
-    loaded, _ = load_any(None if spec == "default" else spec)
-    path = default_model_dir() if spec == "default" else Path(spec)
+    if spec.startswith(SYNTHETIC_PREFIX):
+        path = synthetic_dir(spec[len(SYNTHETIC_PREFIX):])
+    else:
+        path = default_model_dir() if spec == "default" else Path(spec)
+    loaded, _ = load_any(str(path))
     files = [path] if path.is_file() else list(path.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files) / 2**20
     return loaded.model, size
 
 
-def _synthetic(name: str):
+def synthetic_dir(name: str) -> Path:
+    """Where ``name`` (``llama-3.2-1b`` = bf16, ``llama-3.2-1b:8da4w`` = its PTQ checkpoint) lives on disk."""
+    from quantkit.model import cache_dir
+
+    base, _, quant = name.partition(":")
+    if base not in SYNTHETIC or quant not in ("", "8da4w"):
+        raise QuantkitError(f"unknown synthetic model {name!r}; choose from {sorted(SYNTHETIC)} (+ ':8da4w')")
+    return cache_dir() / "synthetic" / (f"{base}-8da4w" if quant else base)
+
+
+def prepare_synthetic(base: str) -> None:
+    """Write the random bf16 model (real shapes, tied embeddings) and its PTQ checkpoint, once.
+
+    Both are measured from disk like any other model, so size, load path and peak RSS are real.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.initialization import no_init_weights
 
-    base, _, quant = name.partition(":")
-    if base not in SYNTHETIC:
-        raise QuantkitError(f"unknown synthetic model {base!r}; choose from {sorted(SYNTHETIC)}")
+    from quantkit.checkpoint import atomic_directory, save_checkpoint
+    from quantkit.model import LoadedModel
+    from quantkit.modules import quantize_
+    from quantkit.scheme import Scheme
+
+    float_dir, quant_dir = synthetic_dir(base), synthetic_dir(f"{base}:8da4w")
+    if float_dir.is_dir() and quant_dir.is_dir():
+        return
     config = LlamaConfig(**SYNTHETIC[base], tie_word_embeddings=True, max_position_embeddings=4096)
     torch.manual_seed(0)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for p in model.parameters():  # random weights of a realistic scale (no init is faster)
         p.data.normal_(0, 0.02)
-    if quant:
-        from quantkit.modules import quantize_
-        from quantkit.scheme import Scheme
-
-        quantize_(model, Scheme())
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if not quant:  # tied: one copy on disk
-        nbytes -= model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    return model.eval(), nbytes / 2**20
+    with atomic_directory(float_dir, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+    scheme = Scheme()
+    plan = quantize_(model, scheme)
+    save_checkpoint(LoadedModel(model, None, f"{SYNTHETIC_PREFIX}{base}", ""), plan, scheme, quant_dir,
+                    pipeline="ptq", method="rtn", overwrite=True)
 
 
 def _peak_rss_mib() -> float:
@@ -140,6 +157,11 @@ def measure(spec: str, config: ModelBenchConfig) -> dict:
 
 def bench_model(spec: str, config: ModelBenchConfig = ModelBenchConfig(), baseline: str | None = None) -> dict:
     """Benchmark ``spec`` (and ``baseline`` in the same run) each in its own subprocess."""
+    for s in (spec, baseline):
+        if s is not None and s.startswith(SYNTHETIC_PREFIX):
+            name = s[len(SYNTHETIC_PREFIX):]
+            if not synthetic_dir(name).is_dir():  # written in a subprocess of its own: no memory left behind
+                _run_worker(["--prepare", name.partition(":")[0]], f"preparing {s}")
     result = _in_subprocess(spec, config)
     if baseline is not None:
         base = _in_subprocess(baseline, config)
@@ -153,12 +175,16 @@ def bench_model(spec: str, config: ModelBenchConfig = ModelBenchConfig(), baseli
 
 
 def _in_subprocess(spec: str, config: ModelBenchConfig) -> dict:
-    cmd = [sys.executable, "-m", "quantkit.bench_model", spec, json.dumps(asdict(config))]
+    return json.loads(_run_worker([spec, json.dumps(asdict(config))], f"benchmark of {spec}").splitlines()[-1])
+
+
+def _run_worker(args: list[str], what: str) -> str:
+    cmd = [sys.executable, "-m", "quantkit.bench_model", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise QuantkitError(f"benchmark of {spec} failed:\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise QuantkitError(f"{what} failed:\n{tail}")
+    return proc.stdout.strip()
 
 
 def render_model_bench(result: dict):
@@ -187,5 +213,8 @@ if __name__ == "__main__":  # the worker side of _in_subprocess: prints one JSON
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    cfg = ModelBenchConfig(**json.loads(sys.argv[2]))
-    sys.stdout.write(json.dumps(measure(sys.argv[1], cfg)) + "\n")
+    if sys.argv[1] == "--prepare":
+        prepare_synthetic(sys.argv[2])
+    else:
+        cfg = ModelBenchConfig(**json.loads(sys.argv[2]))
+        sys.stdout.write(json.dumps(measure(sys.argv[1], cfg)) + "\n")

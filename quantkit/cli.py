@@ -40,6 +40,10 @@ DATA_DIR_HELP = ("Local data directory laid out like ../shared/data (default: $Q
                  "if neither is set, data is downloaded with `datasets`).")
 
 
+model_option = click.option("--model", "model", default=None, help=MODEL_HELP)
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+
+
 def scheme_options(f):
     """Options that fill the Scheme; shared by every quantizing command."""
     f = click.option("--scale-dtype", type=click.Choice([d.value for d in ScaleDtype]), default="bfloat16",
@@ -48,6 +52,16 @@ def scheme_options(f):
                      help="Input channels per int4 scale (positive, even). Linears whose input size is not a "
                           "multiple stay bf16, with a warning.")(f)
     return f
+
+
+def _write_json(path: Path | None, data) -> None:
+    """Write ``--json`` results atomically (a crash never leaves half a file), when asked for."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _scheme(group_size: int, scale_dtype: str) -> Scheme:
@@ -71,10 +85,10 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--model", "model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Checkpoint directory to write (written atomically).")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@overwrite_option
 @scheme_options
 def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale_dtype: str) -> None:
     """Vanilla PTQ: round-to-nearest 8da4w blocks, int8 head and embedding (no data needed)."""
@@ -89,11 +103,11 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
 
 
 @main.command()
-@click.option("--model", "model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Checkpoint directory to write (written atomically). Stage results go to OUTPUT.stages "
                    "until it is written; rerunning the same command resumes from them.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@overwrite_option
 @click.option("--preset", type=click.Choice([p.value for p in Preset]), default=Preset.FULL.value,
               show_default=True, help="Default sizes of every stage: `full` (a real run, GPU-sized) or `cpu` "
                                       "(minutes on a 2-core CPU; used by `make demo`). Options below override it.")
@@ -158,11 +172,11 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 
 
 @main.command()
-@click.option("--model", "model", default=None, help=MODEL_HELP)
+@model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Checkpoint directory to write (written atomically). Learned rotations go beside it, "
                    "to OUTPUT.rotations.safetensors.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@overwrite_option
 @click.option("--preset", type=click.Choice(["meta", "cpu"]), default="meta", show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
                    "for SmolLM2 on a 2-core CPU (make demo). Explicit options below override the preset.")
@@ -255,9 +269,7 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
         delta = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
         table.add_row(row["model"], row["kind"], f"{row['perplexity']:.3f}", f"{delta:+.1f}%")
     out.print(table)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"wikitext2_perplexity": rows}, indent=2) + "\n")
+    _write_json(json_path, {"wikitext2_perplexity": rows})
 
 
 @main.command()
@@ -313,9 +325,7 @@ def bench_kernel_cmd(threads: tuple[int, ...], ms: tuple[int, ...], models: tupl
         result = bench_kernel(threads=threads, ms=ms, models=models, quick=quick)
     out.print(render_kernel_bench(result))
     out.print_json(data=result["summary"])
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(json_path, result)
 
 
 @bench.command("model")
@@ -346,9 +356,7 @@ def bench_model_cmd(model: str | None, baseline: str | None, synthetic: str | No
     with err.status(f"benchmarking {model or DEFAULT}" + (f" and {baseline}" if baseline else "")):
         result = bench_model(model or DEFAULT, config, baseline)
     out.print(render_model_bench(result))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(json_path, result)
 
 
 TASKS_HELP = ("Comma-separated lm-eval tasks: arc_easy, arc_challenge, piqa, winogrande, hellaswag, "
@@ -398,9 +406,7 @@ def tasks_(models: tuple[str, ...], tasks: str | None, limit: int | None, data_d
                 cells.append("—" if v is None else f"{100 * v:.1f}" if m.percent else f"{v:.4g}")
             table.add_row(f"{t} {m.label} {arrow}", *cells)
     out.print(table)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"tasks": scores}, indent=2) + "\n")
+    _write_json(json_path, {"tasks": scores})
 
 
 @main.group()
@@ -415,7 +421,7 @@ def compare() -> None:
                    "Default: the source model recorded in the checkpoints' metadata.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Report directory to write: results.json, report.md (+ PNG plots), report.html.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@overwrite_option
 @click.option("--tasks", "tasks", default=None, help=TASKS_HELP)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help=LIMIT_HELP)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
