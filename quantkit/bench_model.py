@@ -103,6 +103,9 @@ def prepare_synthetic(base: str) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for p in model.parameters():  # random weights of a realistic scale (no init is faster)
         p.data.normal_(0, 0.02)
+    model.tie_weights()  # no_init_weights skips tying: tie as a real Llama 3.2 checkpoint is
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError("synthetic model: lm_head is not tied to the embedding")
     with atomic_directory(float_dir, overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
     scheme = Scheme()
