@@ -149,7 +149,7 @@ def _op_exists() -> bool:
     """True when the ops are already registered (e.g. the library was loaded by ``make``)."""
     try:
         return hasattr(torch.ops.quantkit, "int4_linear_packed")
-    except Exception:  # noqa: BLE001
+    except RuntimeError:  # a half-registered library: treat as absent and (re)load it
         return False
 
 
