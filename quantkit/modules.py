@@ -256,21 +256,33 @@ def _quantized(mod: nn.Module, kind: Kind, scheme: Scheme,
 
 
 def make_empty(model: nn.Module, plan: Plan, scheme: Scheme) -> None:
-    """Swap in zero-filled quantized modules per ``plan`` (shapes from the float model), for loading."""
+    """Swap in storage-less quantized modules per ``plan`` (shapes from the float model), for loading.
+
+    Their tensors live on the ``meta`` device, so nothing is allocated or touched until
+    ``load_state_dict(..., assign=True)`` puts the checkpoint's tensors in their place (zero-filled
+    modules and a copied head would cost a 1B model ~1 GiB of resident memory, thrown away at once).
+    """
     if scheme.untie_embeddings:
-        untie_embeddings(model)
-    sd = scheme.scale_dtype.torch
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and head.weight is emb.weight:  # untie without a copy: loading fills it
+            head.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
+        model.config.tie_word_embeddings = False
     for name, kind in plan.modules.items():
-        mod = model.get_submodule(name)
-        has_bias = getattr(mod, "bias", None) is not None
-        if kind is Kind.INT4_LINEAR:
-            new = Int4Linear(mod.in_features, mod.out_features, scheme.group_size, scheme.act_bits, sd, has_bias,
-                             input_transform=plan.input_transforms.get(name, InputTransform.NONE))
-        elif kind is Kind.INT8_LINEAR:
-            new = Int8Linear(mod.in_features, mod.out_features, scheme.act_bits, sd, has_bias)
-        else:
-            new = Int8Embedding(mod.num_embeddings, mod.embedding_dim, sd, mod.weight.dtype, mod.padding_idx)
+        with torch.device("meta"):
+            new = _empty_module(model.get_submodule(name), kind, scheme,
+                                plan.input_transforms.get(name, InputTransform.NONE))
         _set_submodule(model, name, new)
+
+
+def _empty_module(mod: nn.Module, kind: Kind, scheme: Scheme, transform: InputTransform) -> nn.Module:
+    sd = scheme.scale_dtype.torch
+    has_bias = getattr(mod, "bias", None) is not None
+    if kind is Kind.INT4_LINEAR:
+        return Int4Linear(mod.in_features, mod.out_features, scheme.group_size, scheme.act_bits, sd, has_bias,
+                          input_transform=transform)
+    if kind is Kind.INT8_LINEAR:
+        return Int8Linear(mod.in_features, mod.out_features, scheme.act_bits, sd, has_bias)
+    return Int8Embedding(mod.num_embeddings, mod.embedding_dim, sd, mod.weight.dtype, mod.padding_idx)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

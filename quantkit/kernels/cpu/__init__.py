@@ -66,11 +66,15 @@ L2 while every token chunk passes over them. Threads (``at::parallel_for``, i.e.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import platform
+import sys
 import threading
+from functools import cache as _memoize
 from pathlib import Path
 
 import torch
@@ -207,6 +211,11 @@ def _warn_once(what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: output tiles repacked per step: bounds the temporaries (a few MiB) however large the matrix is,
+#: and lets each step's portable rows be evicted before the next step touches more of them
+_REPACK_TILES = 32
+
+
 def repack_int4(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable ``qweight [N, K/2]`` + ``scales [N, K/g]`` -> the tile layout of the module docstring."""
     n, half = qweight.shape
@@ -215,19 +224,23 @@ def repack_int4(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     if k % 8:
         raise ValueError(f"int4 repack needs K % 8 == 0 (got {k})")
     tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    qw = qweight.contiguous()
-    u = torch.stack((qw & 0x0F, qw >> 4), dim=-1).reshape(n, k)  # nibble values 0..15
-    if pad:
-        u = torch.cat((u, torch.full((pad, k), 8, dtype=torch.uint8)), dim=0)
-    u = u.reshape(tiles, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [T, K/8, 16, 4(j), 2(lo/hi)]
-    w = (u[..., 0] | (u[..., 1] << 4)).contiguous()
-    sf = scales.float()
-    sdt = torch.bfloat16 if torch.equal(sf.to(torch.bfloat16).float(), sf) else torch.float32
-    s = sf.to(sdt)
-    if pad:
-        s = torch.cat((s, torch.zeros(pad, groups, dtype=sdt)), dim=0)
-    s = s.reshape(tiles, 16, groups).transpose(1, 2).contiguous()
+    sdt = torch.bfloat16 if torch.equal(scales.to(torch.bfloat16).to(scales.dtype), scales) else torch.float32
+    w = torch.empty(tiles, k // 8, 16, 4, dtype=torch.uint8)
+    s = torch.empty(tiles, groups, 16, dtype=sdt)
+    for t0 in range(0, tiles, _REPACK_TILES):
+        t1 = min(tiles, t0 + _REPACK_TILES)
+        rows = qweight[16 * t0:16 * t1]  # [r, K/2], r <= 16 (t1 - t0)
+        r = rows.shape[0]
+        u = torch.stack((rows & 0x0F, rows >> 4), dim=-1).reshape(r, k)  # nibble values 0..15
+        if r < 16 * (t1 - t0):  # the last tile's padding rows: code 0 (nibble 8)
+            u = torch.cat((u, torch.full((16 * (t1 - t0) - r, k), 8, dtype=torch.uint8)), dim=0)
+        u = u.reshape(t1 - t0, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [t, K/8, 16, 4(j), 2(lo/hi)]
+        w[t0:t1] = u[..., 0] | (u[..., 1] << 4)
+        flat = torch.zeros(16 * (t1 - t0), groups, dtype=sdt)  # padding rows keep scale 0
+        flat[:r] = scales[16 * t0:16 * t1]
+        s[t0:t1] = flat.view(t1 - t0, 16, groups).transpose(1, 2)  # [t, groups, 16]
+        release_pages(rows)
+        release_pages(scales[16 * t0:16 * t1])
     return w.reshape(-1), s
 
 
@@ -237,15 +250,54 @@ def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     if k % 4:
         raise ValueError(f"int8 repack needs K % 4 == 0 (got {k})")
     tiles = -(-n // 16)
-    pad = tiles * 16 - n
-    u = (qweight.contiguous().view(torch.uint8) ^ 0x80)
-    if pad:
-        u = torch.cat((u, torch.full((pad, k), 0x80, dtype=torch.uint8)), dim=0)
-    w = u.reshape(tiles, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-    s = scales.float().reshape(n)
-    if pad:
-        s = torch.cat((s, torch.zeros(pad)))
-    return w.reshape(-1), s.contiguous()
+    w = torch.empty(tiles, k // 4, 16, 4, dtype=torch.uint8)
+    for t0 in range(0, tiles, _REPACK_TILES):
+        t1 = min(tiles, t0 + _REPACK_TILES)
+        rows = qweight[16 * t0:16 * t1]  # [r, K]
+        u = rows.view(torch.uint8) ^ 0x80  # two's complement flipped: 0..255
+        if u.shape[0] < 16 * (t1 - t0):  # padding rows: weight 0 (byte 0x80)
+            u = torch.cat((u, torch.full((16 * (t1 - t0) - u.shape[0], k), 0x80, dtype=torch.uint8)), dim=0)
+        w[t0:t1] = u.reshape(t1 - t0, 16, k // 4, 4).permute(0, 2, 1, 3)
+        release_pages(rows)
+    s = torch.zeros(tiles * 16)
+    s[:n] = scales.float().reshape(n)
+    return w.reshape(-1), s
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (clean file pages are dropped, never lost)
+
+
+@_memoize
+def _libc():
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to evict ``t``'s pages from memory, without changing its contents.
+
+    Checkpoint tensors are memory-mapped from their safetensors file (``load_file`` maps, it
+    does not copy). Once a weight is repacked, its portable pages are read only again by
+    ``state_dict`` or a re-repack, so keeping them resident doubles the model's memory. For a
+    clean file-backed page ``MADV_PAGEOUT`` drops it and the next access reads the file again;
+    for anonymous memory it is at most a swap-out. Either way the data stays valid, so this is
+    safe on any tensor; it is only a hint and failures are ignored.
+    """
+    libc = _libc()
+    if libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours untouched
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+def _trim_heap() -> None:
+    """Return the repack's freed temporaries to the OS (glibc keeps freed heap memory resident)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _cached(cache: dict | None, kind: str, qweight: torch.Tensor, scales: torch.Tensor, extra, fn):
@@ -257,6 +309,7 @@ def _cached(cache: dict | None, kind: str, qweight: torch.Tensor, scales: torch.
         for old in [k for k in cache if isinstance(k, tuple) and k and k[0] == key[0]]:
             del cache[old]  # a stale repack of older weights
         hit = cache[key] = fn()
+        _trim_heap()
     return hit
 
 
