@@ -68,11 +68,17 @@ class Int4Linear(nn.Module):
         mod.bias = None if bias is None else bias.detach().clone()
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, side: kernels.SidePath | None = None) -> torch.Tensor:
+        """``x [..., K] -> [..., N]``; ``side`` is an unmerged LoRA adapter on the untransformed ``x``."""
         if self.input_transform is InputTransform.HADAMARD:
-            x = hadamard_transform(x)  # before the kernel, so every backend sees the same input
+            y = kernels.linear_int4(hadamard_transform(x), self.qweight, self.scales, self.group_size,
+                                    self.act_bits, self.bias, self.kernel_cache)  # every backend sees H x
+            if side is None:
+                return y
+            return (y.float() + side.scale * nn.functional.linear(
+                nn.functional.linear(x.float(), side.a.float()), side.b.float())).to(y.dtype)
         return kernels.linear_int4(x, self.qweight, self.scales, self.group_size, self.act_bits,
-                                   self.bias, self.kernel_cache)
+                                   self.bias, self.kernel_cache, side)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -46,12 +46,15 @@ def test_summary_is_computed_from_the_rows():
             for m, b in ((64, 2.0), (64, 8.0), (512, 1.5))]
     result = {"bandwidth_gbps": {"1": 30.0, "2": 40.0}, "rows": rows,
               "decode": {"tokens_per_s": {"ours": {"2": 100.0}, "torch_int": {"2": 50.0}},
-                         "weight_gb": {"ours": 0.3}}}
+                         "weight_gb": {"ours": 0.3, "torch_int": 0.4}}}
     from quantkit.bench import summarize_kernel_bench
 
     s = summarize_kernel_bench(result)
     assert s["threads"] == 2 and s["dram_gbps"] == 40.0
     assert math.isclose(s["decode16_gbps"], 30.0) and math.isclose(s["decode16_bandwidth_share"], 0.75)
     assert s["decode16_speedup_vs_torch_int4wo"] == 2.0
+    # torch streams 0.4 GB x 50 tok/s = 20 GB/s (half of 40); ours at 40 GB/s would run 133 tok/s = 2.67x torch
+    assert math.isclose(s["decode16_torch_int4wo_bandwidth_share"], 0.5)
+    assert math.isclose(s["decode16_speedup_ceiling_vs_torch_int4wo"], 40.0 / 0.3 / 50.0)
     assert math.isclose(s["prefill64_speedup_vs_torch_bf16"], 4.0)  # geometric mean of 2 and 8
     assert math.isclose(s["prefill512_speedup_vs_torch_bf16"], 1.5)

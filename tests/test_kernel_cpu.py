@@ -124,6 +124,33 @@ def test_both_isas_and_group_sizes(isa, n, k, m, g):
 
 
 @needs_fast
+@pytest.mark.parametrize("isa", [1, 2])
+@pytest.mark.parametrize("n,k,m,r", [(8, 32, 1, 1), (96, 576, 3, 8), (1000, 64, 7, 16), (40, 1536, 8, 4), (24, 256, 64, 8)])
+def test_fused_lora_side_path_matches_reference(isa, n, k, m, r):
+    if isa > cpu.isa():
+        pytest.skip(f"CPU lacks isa level {isa}")
+    qweight, scales = make_int4(n, k)
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.randn(r, k, generator=gen) / k**0.5).to(torch.bfloat16)  # bf16 adapters, as QLoRA saves them
+    b = torch.randn(n, r, generator=gen).to(torch.bfloat16)
+    side = reference.SidePath(a, b, 2.0)
+    w, s = cpu.repack_int4(qweight, scales)
+    w_deq = unpack_int4(qweight).float().reshape(n, -1, 32).mul(scales.float()[..., None]).reshape(n, k)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n)
+        out = torch.ops.quantkit.int4_linear_packed(x, w, s, n, 32, bias, isa, a.float(), b.float().t().contiguous(), 2.0)
+        ref = reference.linear_int4(x, qweight, scales, 32, 8, bias, side)
+        # rounding noise of the side path: its own dot products over K and r, in float32
+        side_bound = 2.0 * (x.float().abs() @ a.float().abs().t()) @ b.float().abs().t()
+        assert_close_to_reference(out, ref, _bound(x, w_deq) + side_bound, dtype)
+        without = reference.linear_int4(x, qweight, scales, 32, 8, bias)
+        assert (ref.float() - without.float()).abs().max() > 1e-2  # the side path is really there
+    with pytest.raises(RuntimeError, match="lora_bt"):
+        torch.ops.quantkit.int4_linear_packed(x, w, s, n, 32, None, isa, a.float(), b.float().contiguous(), 2.0)
+
+
+@needs_fast
 def test_leading_dims_and_other_dtypes():
     qweight, scales = make_int4(96, 64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -6,7 +6,7 @@ import torch
 from quantkit.checkpoint import load_checkpoint, save_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.model import LoadedModel, tiny_tokenizer
-from quantkit.modules import Int4Linear
+from quantkit.modules import InputTransform, Int4Linear
 from quantkit.primitives import choose_scales, quantize
 from quantkit.scheme import Scheme
 from quantkit.training.loops import train
@@ -28,9 +28,10 @@ def _bases():
             "int4": _int4(lin.weight.detach())}
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernel(monkeypatch):
-    monkeypatch.setenv("QUANTKIT_KERNEL", "reference")  # the side path never touches the kernel
+@pytest.fixture(autouse=True, params=["reference", "auto"])
+def _kernel(request, monkeypatch):
+    """Every test on the reference kernel and on the default one (the fast kernel fuses the side path)."""
+    monkeypatch.setenv("QUANTKIT_KERNEL", request.param)
 
 
 @pytest.mark.parametrize("kind", ["float", "qat", "int4"])
@@ -54,6 +55,18 @@ def test_unmerged_side_path_equals_merged_math(kind):
         if kind == "float":  # and merging gives one matrix that computes the same
             merged = torch.nn.functional.linear(x, base.weight + lora.delta_weight())
             torch.testing.assert_close(got, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_side_path_sees_the_untransformed_input_under_an_online_hadamard():
+    torch.manual_seed(0)
+    base = _int4(torch.randn(48, 64))
+    base.input_transform = InputTransform.HADAMARD  # SpinQuant's R4: the kernel sees H x, the adapter x
+    lora = LoRALinear(base, 8, 16)
+    torch.nn.init.normal_(lora.lora_B, std=0.1)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        want = base(x) + x @ (lora.scaling * lora.lora_B @ lora.lora_A).T
+        torch.testing.assert_close(lora(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_lora_folds_adapters_into_weights(tiny, ids):

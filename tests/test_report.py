@@ -151,7 +151,8 @@ QUICK = ["--tasks", "copa", "--limit", "2", "--seq-len", "64", "--max-windows", 
 def test_report_end_to_end_cached_and_invalidated(data_dir, tmp_path, monkeypatch):
     import quantkit.tasks
 
-    # a seed no other test uses: scores are cached by content, across tests of one session
+    # scores are cached by content: a cache of this test's own, so earlier runs cannot serve them
+    monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path / "cache"))
     tiny_dir = tmp_path / "tiny-seed5"
     tiny_llama(seed=5).save_pretrained(str(tiny_dir))
     tiny_tokenizer().save_pretrained(str(tiny_dir))

@@ -24,6 +24,9 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import reference
+from quantkit.kernels.reference import SidePath
+
+__all__ = ["Backend", "SidePath", "backend_for", "embedding_int8", "linear_int4", "linear_int8", "requested_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,13 @@ def linear_int4(
     act_bits: int | None,
     bias: torch.Tensor | None = None,
     cache: dict | None = None,
+    side: SidePath | None = None,
 ) -> torch.Tensor:
-    """``x [..., K]`` @ packed int4 ``qweight [N, K/2]`` (groups of ``group_size``) -> ``[..., N]``."""
+    """``x [..., K]`` @ packed int4 ``qweight [N, K/2]`` (groups of ``group_size``) -> ``[..., N]``,
+    plus an optional unmerged LoRA ``side`` path (see :class:`SidePath`)."""
     if backend_for(x) is Backend.CPU:
-        return _fast_cpu().linear_int4(x, qweight, scales, group_size, act_bits, bias, cache)
-    return reference.linear_int4(x, qweight, scales, group_size, act_bits, bias)
+        return _fast_cpu().linear_int4(x, qweight, scales, group_size, act_bits, bias, cache, side)
+    return reference.linear_int4(x, qweight, scales, group_size, act_bits, bias, side)
 
 
 def linear_int8(

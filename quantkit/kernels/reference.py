@@ -8,6 +8,8 @@ They run on any device and are slow (the weight is dequantized on every call).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from quantkit.packing import unpack_int4
@@ -20,6 +22,18 @@ def _quantize_activations(x: torch.Tensor, act_bits: int | None) -> torch.Tensor
     return xf if act_bits is None else quantize_dequantize(xf, act_bits, group_size=None)
 
 
+class SidePath(NamedTuple):
+    """An unmerged LoRA adapter added to a packed linear's output: ``scale * (x @ a.T) @ b.T``.
+
+    ``a [r, K]`` and ``b [N, r]`` (bf16 in QLoRA checkpoints) see the *unquantized* input, and the
+    sum is taken in float32 before the output is rounded once to ``x.dtype``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
 def linear_int4(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -27,12 +41,16 @@ def linear_int4(
     group_size: int,
     act_bits: int | None,
     bias: torch.Tensor | None = None,
+    side: SidePath | None = None,
 ) -> torch.Tensor:
     """``x [..., K]`` times packed int4 ``qweight [N, K/2]`` with ``scales [N, K/g]`` -> ``[..., N]``."""
     w = dequantize(unpack_int4(qweight), scales, group_size)  # [N, K] float32
     out = torch.nn.functional.linear(_quantize_activations(x, act_bits), w)
     if bias is not None:
         out = out + bias.float()
+    if side is not None:  # [..., r] then [..., N], in float32 (differentiable: adapters train through it)
+        out = out + side.scale * torch.nn.functional.linear(
+            torch.nn.functional.linear(x.float(), side.a.float()), side.b.float())
     return out.to(x.dtype)
 
 

@@ -1,9 +1,11 @@
 """LoRA as a wrapper module: ``y = base(x) + (alpha / rank) * B (A x)``, never merged unless asked.
 
 ``LoRALinear(base, rank, alpha)`` wraps any linear — ``nn.Linear``, a ``QATLinear``, a packed
-``Int4Linear`` — so the side path runs on every kernel path without touching the kernels: the base
-computes its own (quantized) product and the adapter adds a bf16 low-rank term from the
-*unquantized* input. ``B`` starts at zero, so a fresh adapter changes nothing.
+``Int4Linear``. Over a float or fake-quantized base it adds the low-rank term from the
+*unquantized* input itself; over a packed ``Int4Linear`` it hands the adapter to the kernel entry
+point as a :class:`~quantkit.kernels.SidePath`, which both kernels add in float32 before the
+output is rounded (the fast CPU kernel fuses it into the same op call, so a QLoRA checkpoint
+decodes at nearly the speed of a plain one). ``B`` starts at zero, so a fresh adapter changes nothing.
 
 In a checkpoint the wrapped linear's tensors are ``<name>.base.*`` and the adapter's are
 ``<name>.lora_A [rank, in]`` and ``<name>.lora_B [out, rank]``; ``quantkit.json`` records
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.modules import block_linear_names
+from quantkit.kernels import SidePath
+from quantkit.modules import Int4Linear, block_linear_names
 
 
 class LoRALinear(nn.Module):
@@ -42,7 +45,9 @@ class LoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [..., N], the base's own (possibly quantized) math
+        if isinstance(self.base, Int4Linear):  # packed backbone: the kernel adds the side path in the same call
+            return self.base(x, SidePath(self.lora_A, self.lora_B, self.scaling))
+        y = self.base(x)  # [..., N], the base's own (float or fake-quantized) math
         side = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return y + (side * self.scaling).to(y.dtype)
 

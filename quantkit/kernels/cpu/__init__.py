@@ -162,7 +162,7 @@ def _register_fakes() -> None:
         return
     lib = "quantkit::"
 
-    def _int4_fake(x, w, s, n, group_size, bias=None, isa=-1):  # noqa: ARG001
+    def _int4_fake(x, w, s, n, group_size, bias=None, isa=-1, lora_a=None, lora_bt=None, lora_scale=1.0):  # noqa: ARG001
         return x.new_empty((*x.shape[:-1], n))
 
     def _int8_fake(x, w, s, n, bias=None, isa=-1):  # noqa: ARG001
@@ -318,25 +318,43 @@ def _cached(cache: dict | None, kind: str, qweight: torch.Tensor, scales: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _common_unsupported(x: torch.Tensor, act_bits, bias) -> str | None:
+def _common_unsupported(x: torch.Tensor, act_bits, *others: torch.Tensor | None) -> str | None:
     if act_bits != 8:
         return f"act_bits={act_bits} (only 8)"
     if x.device.type != "cpu":
         return "non-CPU tensor"
     if not x.dtype.is_floating_point:
         return f"x dtype {x.dtype}"
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         return "autograd requested (inference-only kernel)"
     return None
+
+
+def _side_operands(cache: dict | None, side) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter as the op takes it: ``a [r, K]`` and ``b.T [r, N]``, contiguous float32 (cached)."""
+    a, b = side.a, side.b
+    key = (_CACHE_PREFIX + "lora", a.data_ptr(), a._version, b.data_ptr(), b._version)
+    hit = cache.get(key) if cache is not None else None
+    if hit is None:
+        hit = (a.detach().float().contiguous(), b.detach().float().t().contiguous())
+        if cache is not None:
+            for old in [k for k in cache if isinstance(k, tuple) and k and k[0] == key[0]]:
+                del cache[old]  # the adapter changed (a training step): drop the stale copy
+            cache[key] = hit
+    return hit
 
 
 def _prep_x(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
 
 
-def linear_int4(x, qweight, scales, group_size, act_bits, bias=None, cache=None):
-    """Fast ``x [..., K] @ int4 qweight [N, K/2]`` (groups of ``group_size``) -> ``[..., N]`` in ``x.dtype``."""
-    why = unavailable_reason() or _common_unsupported(x, act_bits, bias)
+def linear_int4(x, qweight, scales, group_size, act_bits, bias=None, cache=None, side=None):
+    """Fast ``x [..., K] @ int4 qweight [N, K/2]`` (groups of ``group_size``) -> ``[..., N]`` in ``x.dtype``.
+
+    ``side`` (a LoRA adapter, :class:`quantkit.kernels.reference.SidePath`) is fused into the same
+    op call: its ``r`` dot products per token and ``r`` FMAs per output are added before rounding.
+    """
+    why = unavailable_reason() or _common_unsupported(x, act_bits, bias, *(side[:2] if side else ()))
     if why is None:
         n, half = qweight.shape
         k = half * 2
@@ -344,12 +362,16 @@ def linear_int4(x, qweight, scales, group_size, act_bits, bias=None, cache=None)
             why = "unexpected qweight dtype/shape"
         elif group_size % 8 or k % group_size or scales.shape != (n, k // group_size):
             why = f"group_size={group_size} with K={k} (needs a multiple of 8 dividing K)"
+        elif side is not None and (side.a.shape[1:] != (k,) or side.b.shape != (n, side.a.shape[0])):
+            why = f"LoRA side path shapes a {tuple(side.a.shape)}, b {tuple(side.b.shape)} for a {k} -> {n} layer"
     if why is not None:
         if unavailable_reason() is not None or act_bits == 8:
             _warn_once(why)
-        return reference.linear_int4(x, qweight, scales, group_size, act_bits, bias)
+        return reference.linear_int4(x, qweight, scales, group_size, act_bits, bias, side)
     w, s = _cached(cache, "int4", qweight, scales, group_size, lambda: repack_int4(qweight, scales))
-    out = torch.ops.quantkit.int4_linear_packed(_prep_x(x), w, s, qweight.shape[0], group_size, bias)
+    a, bt = _side_operands(cache, side) if side is not None else (None, None)
+    out = torch.ops.quantkit.int4_linear_packed(_prep_x(x), w, s, qweight.shape[0], group_size, bias, -1, a, bt,
+                                                float(side.scale) if side is not None else 1.0)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

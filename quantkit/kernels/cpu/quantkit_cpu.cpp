@@ -64,6 +64,10 @@ struct Problem {
   const float* bias;      // [N] or nullptr
   void* out;              // [M, N] float32 or bfloat16
   bool out_bf16;
+  // optional LoRA side path, added before the output is rounded: out[m] += lt[m] @ lbt
+  const float* lt = nullptr;   // [M, r] = lora_scale * x[m] @ A^T (x unquantized)
+  const float* lbt = nullptr;  // [r, N] = B^T
+  int64_t r = 0;
 };
 
 // Scalar tail of the activation quantizer; identical arithmetic to the vector bodies:
@@ -133,6 +137,11 @@ static inline void store16_512(const Problem& p, int64_t m, int64_t n0, __m512 v
   const int64_t valid = std::min<int64_t>(16, p.N - n0);
   const __mmask16 mask = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
   if (p.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.bias + n0));
+  if (p.lt) {
+    const float* t = p.lt + m * p.r;
+    for (int64_t j = 0; j < p.r; ++j)
+      v = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), _mm512_maskz_loadu_ps(mask, p.lbt + j * p.N + n0), v);
+  }
   if (p.out_bf16) {
     // round to nearest even: u + 0x7fff + ((u >> 16) & 1), then take the high half
     __m512i u = _mm512_castps_si512(v);
@@ -328,6 +337,19 @@ static void worker_512(const Problem& p, int64_t t0, int64_t t1) {
   }
 }
 
+// lt[m, j] = scale * x[m] . a[j] for the LoRA side path (decode-sized M; prefill uses at::mm)
+static void lora_in_512(const Problem& p, const float* a, float scale, float* lt) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t j = 0; j < p.r; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= p.K; k += 16) acc = _mm512_fmadd_ps(x16_512(p, m, k), _mm512_loadu_ps(a + j * p.K + k), acc);
+      float sum = _mm512_reduce_add_ps(acc);
+      for (; k < p.K; ++k) sum += load_x_scalar(p, m, k) * a[j * p.K + k];
+      lt[m * p.r + j] = scale * sum;
+    }
+}
+
 static void quant_all_512(const Problem& p, int64_t gsize) {
   if (p.M * p.K < (int64_t(1) << 18)) {  // a thread start costs more than this
     for (int64_t m = 0; m < p.M; ++m) quant_row_512(p, m, gsize);
@@ -391,6 +413,7 @@ static inline void store16_256(const Problem& p, int64_t m, int64_t n0, __m256 v
   const int64_t valid = std::min<int64_t>(16, p.N - n0);
   for (int64_t i = 0; i < valid; ++i) {
     float v = tmp[i] + (p.bias ? p.bias[n0 + i] : 0.f);
+    for (int64_t j = 0; j < (p.lt ? p.r : 0); ++j) v += p.lt[m * p.r + j] * p.lbt[j * p.N + n0 + i];
     if (p.out_bf16)
       static_cast<uint16_t*>(p.out)[m * p.N + n0 + i] = f32_to_bf16(v);
     else
@@ -496,6 +519,20 @@ static void worker_256(const Problem& p, int64_t t0, int64_t t1) {
   }
 }
 
+static void lora_in_256(const Problem& p, const float* a, float scale, float* lt) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t j = 0; j < p.r; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= p.K; k += 8) acc = _mm256_fmadd_ps(x8_256(p, m, k), _mm256_loadu_ps(a + j * p.K + k), acc);
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, acc);
+      float sum = ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ((tmp[4] + tmp[5]) + (tmp[6] + tmp[7]));
+      for (; k < p.K; ++k) sum += load_x_scalar(p, m, k) * a[j * p.K + k];
+      lt[m * p.r + j] = scale * sum;
+    }
+}
+
 static void quant_all_256(const Problem& p, int64_t gsize) {
   at::parallel_for(0, p.M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quant_row_256(p, m, gsize);
@@ -517,7 +554,9 @@ static int64_t pick_isa(int64_t requested) {
 
 template <bool INT8>
 static at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& s, int64_t n, int64_t group_size,
-                      const std::optional<at::Tensor>& bias, int64_t isa_req) {
+                      const std::optional<at::Tensor>& bias, int64_t isa_req,
+                      const std::optional<at::Tensor>& lora_a = std::nullopt,
+                      const std::optional<at::Tensor>& lora_bt = std::nullopt, double lora_scale = 1.0) {
   const int64_t isa = pick_isa(isa_req);
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu() && s.device().is_cpu(), "quantkit cpu kernel: CPU tensors only");
   TORCH_CHECK(x_in.dim() >= 1, "x must have at least one dimension");
@@ -541,6 +580,18 @@ static at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == n, "bias must have n elements");
     bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const bool has_lora = lora_a.has_value() && lora_a->defined();
+  TORCH_CHECK(has_lora == (lora_bt.has_value() && lora_bt->defined()), "lora_a and lora_bt go together");
+  int64_t rank = 0;
+  if (has_lora) {
+    rank = lora_a->size(0);
+    TORCH_CHECK(lora_a->scalar_type() == at::kFloat && lora_a->is_contiguous() && lora_a->dim() == 2 &&
+                    lora_a->size(1) == K && rank >= 1,
+                "lora_a must be contiguous float32 [r, K]");
+    TORCH_CHECK(lora_bt->scalar_type() == at::kFloat && lora_bt->is_contiguous() && lora_bt->dim() == 2 &&
+                    lora_bt->size(0) == rank && lora_bt->size(1) == n,
+                "lora_bt must be contiguous float32 [r, n]");
   }
   at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
@@ -572,6 +623,21 @@ static at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.out_bf16 = out.scalar_type() == at::kBFloat16;
+  at::Tensor lt;
+  if (has_lora) {
+    p.r = rank;
+    p.lbt = lora_bt->data_ptr<float>();
+    if (M >= 8) {  // prefill: a real GEMM; decode: the fused dot products below, no extra dispatch
+      lt = at::mm(x.to(at::kFloat), lora_a->t()).mul_(lora_scale).contiguous();
+    } else {
+      lt = at::empty({M, rank}, x.options().dtype(at::kFloat));
+      if (isa == ISA_AVX512_VNNI)
+        lora_in_512(p, lora_a->data_ptr<float>(), static_cast<float>(lora_scale), lt.data_ptr<float>());
+      else
+        lora_in_256(p, lora_a->data_ptr<float>(), static_cast<float>(lora_scale), lt.data_ptr<float>());
+    }
+    p.lt = lt.data_ptr<float>();
+  }
 
   // Threads split the output tiles; a decode call (tiny M) parallelises over tiles only.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
@@ -590,8 +656,9 @@ static at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
 }
 
 static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t n, int64_t group_size,
-                              const std::optional<at::Tensor>& bias, int64_t isa) {
-  return run<false>(x, w, s, n, group_size, bias, isa);
+                              const std::optional<at::Tensor>& bias, int64_t isa, const std::optional<at::Tensor>& lora_a,
+                              const std::optional<at::Tensor>& lora_bt, double lora_scale) {
+  return run<false>(x, w, s, n, group_size, bias, isa, lora_a, lora_bt, lora_scale);
 }
 
 static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t n,
@@ -630,7 +697,8 @@ static std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(quantkit, m) {
   m.def("cpu_isa() -> int", [] { return quantkit_cpu::cpu_isa(); });
-  m.def("int4_linear_packed(Tensor x, Tensor w, Tensor s, int n, int group_size, Tensor? bias=None, int isa=-1) -> Tensor");
+  m.def("int4_linear_packed(Tensor x, Tensor w, Tensor s, int n, int group_size, Tensor? bias=None, int isa=-1, "
+        "Tensor? lora_a=None, Tensor? lora_bt=None, float lora_scale=1.0) -> Tensor");
   m.def("int8_linear_packed(Tensor x, Tensor w, Tensor s, int n, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("quantize_activations_int8(Tensor x, int isa=-1) -> (Tensor, Tensor)");
 }
