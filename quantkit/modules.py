@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from quantkit import kernels
-from quantkit.algorithms.hadamard import hadamard_transform
 from quantkit.packing import pack_int4
 from quantkit.primitives import choose_scales, quantize
 from quantkit.scheme import Scheme
@@ -71,8 +70,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor, side: kernels.SidePath | None = None) -> torch.Tensor:
         """``x [..., K] -> [..., N]``; ``side`` is an unmerged LoRA adapter on the untransformed ``x``."""
         if self.input_transform is InputTransform.HADAMARD:
-            y = kernels.linear_int4(hadamard_transform(x), self.qweight, self.scales, self.group_size,
-                                    self.act_bits, self.bias, self.kernel_cache)  # every backend sees H x
+            y = kernels.linear_int4(kernels.hadamard(x), self.qweight, self.scales, self.group_size,
+                                    self.act_bits, self.bias, self.kernel_cache)
             if side is None:
                 return y
             return (y.float() + side.scale * nn.functional.linear(

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from quantkit import kernels
 from quantkit.algorithms.hadamard import factor, hadamard_matrix, hadamard_transform, random_hadamard
 from quantkit.errors import QuantkitError
+from quantkit.kernels import cpu
 
 # base orders from Paley I (12, 20, 44), Paley II (28, 36), Sylvester products, and real model sizes
 SIZES = [1, 2, 8, 12, 20, 28, 36, 40, 44, 64, 576, 1536, 3072]
@@ -50,3 +52,29 @@ def test_random_hadamard_is_orthogonal():
 def test_unsupported_size_is_a_clear_error(n):
     with pytest.raises(QuantkitError, match=f"size {n}"):
         hadamard_matrix(n)
+
+
+@pytest.mark.skipif(cpu.unavailable_reason() is not None, reason="fast CPU kernel unavailable")
+@pytest.mark.parametrize("n", [1, 8, 12, 36, 40, 576, 1536, 3072, 8192])
+def test_fast_cpu_transform_matches_the_reference(n):
+    # the butterflies are the reference's float32 adds in the reference's order, so powers of two are
+    # bit-identical; the dense base factor (m > 1) may sum in another order than torch's matmul
+    exact = factor(n)[0] == 1
+    for dtype, shape in ((torch.float32, (1, n)), (torch.bfloat16, (2, 3, n)), (torch.float32, (300, n))):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(n)).to(dtype)
+        got, want = kernels.hadamard(x), hadamard_transform(x)
+        assert got.dtype == dtype and got.shape == x.shape
+        if exact:
+            assert torch.equal(got, want)
+        else:  # float32 noise of an m-term sum; in bf16, at most one ulp where it straddles a rounding
+            tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-6)
+
+
+def test_kernel_entry_point_keeps_autograd_and_clear_errors():
+    x = torch.randn(4, 12, requires_grad=True)
+    y = kernels.hadamard(x)  # training through R4 (rotation learning) takes the differentiable reference
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with pytest.raises(QuantkitError, match="size 7"):
+        kernels.hadamard(torch.randn(1, 7))

@@ -22,11 +22,13 @@ from types import ModuleType
 
 import torch
 
+from quantkit.algorithms.hadamard import hadamard_transform
 from quantkit.errors import QuantkitError
 from quantkit.kernels import reference
 from quantkit.kernels.reference import SidePath
 
-__all__ = ["Backend", "SidePath", "backend_for", "embedding_int8", "linear_int4", "linear_int8", "requested_backend"]
+__all__ = ["Backend", "SidePath", "backend_for", "embedding_int8", "hadamard", "linear_int4", "linear_int8",
+           "requested_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,17 @@ def linear_int8(
     if backend_for(x) is Backend.CPU:
         return _fast_cpu().linear_int8(x, qweight, scales, act_bits, bias, cache)
     return reference.linear_int8(x, qweight, scales, act_bits, bias)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x Hᵀ / sqrt(K)`` over the last dimension: the online transform before a linear (SpinQuant's R4).
+
+    The reference is :func:`quantkit.algorithms.hadamard.hadamard_transform` (torch ops, one pass
+    per butterfly level); the fast CPU backend does the same arithmetic per row in one op call.
+    """
+    if backend_for(x) is Backend.CPU and not (torch.is_grad_enabled() and x.requires_grad):
+        return _fast_cpu().hadamard(x)
+    return hadamard_transform(x)
 
 
 def embedding_int8(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

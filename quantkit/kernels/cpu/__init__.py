@@ -168,7 +168,11 @@ def _register_fakes() -> None:
     def _int8_fake(x, w, s, n, bias=None, isa=-1):  # noqa: ARG001
         return x.new_empty((*x.shape[:-1], n))
 
-    for op, fn in (("int4_linear_packed", _int4_fake), ("int8_linear_packed", _int8_fake)):
+    def _hadamard_fake(x, base):  # noqa: ARG001
+        return torch.empty_like(x)
+
+    for op, fn in (("int4_linear_packed", _int4_fake), ("int8_linear_packed", _int8_fake),
+                   ("hadamard_transform", _hadamard_fake)):
         try:
             torch.library.register_fake(lib + op, fn)
         except RuntimeError as exc:  # already registered (module reloaded)
@@ -373,6 +377,24 @@ def linear_int4(x, qweight, scales, group_size, act_bits, bias=None, cache=None,
     out = torch.ops.quantkit.int4_linear_packed(_prep_x(x), w, s, qweight.shape[0], group_size, bias, -1, a, bt,
                                                 float(side.scale) if side is not None else 1.0)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+@_memoize
+def _hadamard_base(m: int) -> torch.Tensor:
+    """The base factor of ``H = H_m ⊗ H_{2^k}`` as the op takes it: float32 ``[m, m]``, empty for m = 1."""
+    from quantkit.algorithms.hadamard import _base_matrix
+
+    return torch.empty(0) if m == 1 else _base_matrix(m).float().contiguous()
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Fast ``x Hᵀ / sqrt(K)`` (same arithmetic as the reference: butterflies, base factor, / sqrt(K))."""
+    from quantkit.algorithms.hadamard import _check, hadamard_transform
+
+    m, _ = _check(x.shape[-1])  # unsupported sizes raise the reference's clear error
+    if unavailable_reason() is not None or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        return hadamard_transform(x)
+    return torch.ops.quantkit.hadamard_transform(x, _hadamard_base(m))
 
 
 def linear_int8(x, qweight, scales, act_bits, bias=None, cache=None):

@@ -533,6 +533,32 @@ static void lora_in_256(const Problem& p, const float* a, float scale, float* lt
     }
 }
 
+// In place on one row y [m * p] (index a * p + b): Walsh–Hadamard butterflies over b (the same
+// adds in the same order as quantkit.algorithms.hadamard, so for m = 1 the result is identical),
+// then the dense base factor over a (z[a] = sum_c base[a, c] y[c], via `tmp`), then / sqrt(K).
+static void hadamard_row(float* y, const float* base, int64_t m, int64_t p, float* tmp, float norm) {
+  for (int64_t a = 0; a < m; ++a) {
+    float* v = y + a * p;
+    for (int64_t h = 1; h < p; h *= 2)
+      for (int64_t i = 0; i < p; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {  // vectorised by the compiler for h >= 8
+          const float u = v[j], w = v[j + h];
+          v[j] = u + w;
+          v[j + h] = u - w;
+        }
+  }
+  if (m > 1) {
+    for (int64_t i = 0; i < m * p; ++i) tmp[i] = 0.f;
+    for (int64_t a = 0; a < m; ++a)
+      for (int64_t c = 0; c < m; ++c) {
+        const float bac = base[a * m + c];
+        for (int64_t b = 0; b < p; ++b) tmp[a * p + b] += bac * y[c * p + b];
+      }
+    for (int64_t i = 0; i < m * p; ++i) y[i] = tmp[i];
+  }
+  for (int64_t i = 0; i < m * p; ++i) y[i] = y[i] / norm;
+}
+
 static void quant_all_256(const Problem& p, int64_t gsize) {
   at::parallel_for(0, p.M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quant_row_256(p, m, gsize);
@@ -666,6 +692,37 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at
   return run<true>(x, w, s, n, 0, bias, isa);
 }
 
+// x [..., K] -> x H^T / sqrt(K) with H = base ⊗ H_p (Sylvester, p = K / m a power of two);
+// `base` is float32 [m, m], or empty for m = 1. Math in float32, result in x's dtype.
+static at::Tensor hadamard_transform(const at::Tensor& x_in, const at::Tensor& base) {
+  pick_isa(-1);  // the butterflies are compiled for AVX2
+  TORCH_CHECK(x_in.device().is_cpu() && base.device().is_cpu(), "quantkit cpu kernel: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) >= 1, "x must have a last dimension");
+  const int64_t K = x_in.size(-1);
+  const int64_t m = base.numel() == 0 ? 1 : base.size(0);
+  TORCH_CHECK(base.numel() == 0 || (base.scalar_type() == at::kFloat && base.is_contiguous() && base.dim() == 2 &&
+                                    base.size(1) == m),
+              "base must be a contiguous float32 [m, m] (or empty)");
+  TORCH_CHECK(K % m == 0 && ((K / m) & (K / m - 1)) == 0, "K / m must be a power of two");
+  const int64_t p = K / m;
+  at::Tensor y = at::empty({x_in.numel() / K, K}, x_in.options().dtype(at::kFloat));
+  y.copy_(x_in.reshape({-1, K}));
+  const int64_t M = y.size(0);
+  const float norm = static_cast<float>(std::sqrt(static_cast<double>(K)));
+  float* Y = y.data_ptr<float>();
+  const float* B = m > 1 ? base.data_ptr<float>() : nullptr;
+  auto rows = [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(m > 1 ? K : 0);
+    for (int64_t r = b; r < e; ++r) hadamard_row(Y + r * K, B, m, p, tmp.data(), norm);
+  };
+  if (M * K < (int64_t(1) << 16))  // decode: a thread start costs more than the transform
+    rows(0, M);
+  else
+    at::parallel_for(0, M, 1, rows);
+  return y.to(x_in.scalar_type()).reshape(x_in.sizes());
+}
+
 // Debug/testing helper: the activation codes and scales exactly as the kernels compute them.
 static std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x_in, int64_t isa_req) {
   const int64_t isa = pick_isa(isa_req);
@@ -701,10 +758,12 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
         "Tensor? lora_a=None, Tensor? lora_bt=None, float lora_scale=1.0) -> Tensor");
   m.def("int8_linear_packed(Tensor x, Tensor w, Tensor s, int n, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("quantize_activations_int8(Tensor x, int isa=-1) -> (Tensor, Tensor)");
+  m.def("hadamard_transform(Tensor x, Tensor base) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("int4_linear_packed", &quantkit_cpu::int4_linear);
   m.impl("int8_linear_packed", &quantkit_cpu::int8_linear);
   m.impl("quantize_activations_int8", &quantkit_cpu::quantize_activations);
+  m.impl("hadamard_transform", &quantkit_cpu::hadamard_transform);
 }
