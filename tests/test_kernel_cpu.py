@@ -276,7 +276,12 @@ def test_custom_op_fake_impl_and_torch_compile():
     bias = torch.randn(n)
     x = torch.randn(2, 3, k)
     op = torch.ops.quantkit.int4_linear_packed
-    torch.library.opcheck(op.default, (x, w, s, n, 32, bias), test_utils=("test_schema", "test_faketensor"))
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(op.default, (x, w, s, n, 32, bias), test_utils=checks)
+    lora_a, lora_bt = torch.randn(4, k), torch.randn(4, n)  # the fused LoRA side path's operands
+    torch.library.opcheck(op.default, (x, w, s, n, 32, bias, -1, lora_a, lora_bt, 0.5), test_utils=checks)
+    torch.library.opcheck(torch.ops.quantkit.hadamard_transform.default, (torch.randn(3, 48), cpu._hadamard_base(12)),
+                          test_utils=checks)
 
     def fn(x):
         return torch.relu(op(x, w, s, n, 32, bias)) * 2.0
