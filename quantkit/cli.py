@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import Preset
+from quantkit.config import Preset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -113,11 +113,22 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
                                       "(minutes on a 2-core CPU; used by `make demo`). Options below override it.")
 @click.option("--qat-steps", type=int, default=None, help="Stage 1 (QAT SFT, all weights) optimizer steps.")
 @click.option("--qat-lr", type=float, default=None, help="Stage 1 peak learning rate (AdamW, warm-up then cosine).")
+@click.option("--qat-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
+              help="Stage 1 loss: `ce` (cross-entropy on the responses), `kd` (distillation: KL from the frozen "
+                   "float starting model's next-token distribution to the student's, at every token) or `mixed` "
+                   "(their mean).")
+@click.option("--qat-calibration", default=None, metavar="SET",
+              help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2, c4) "
+                   "instead of the SFT data. Never the WikiText-2 test split.")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
               help="LoRA rank: at least 1, at most the smallest side of every block linear.")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
+@click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
+              help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
+@click.option("--lora-calibration", default=None, metavar="SET",
+              help="Train stage 2 on windows of this calibration set instead of the SFT data, as --qat-calibration.")
 @click.option("--dpo-steps", type=int, default=None, help="Stage 3 (DPO, backbone + adapters) optimizer steps.")
 @click.option("--dpo-lr", type=float, default=None, help="Stage 3 peak learning rate.")
 @click.option("--dpo-beta", type=float, default=None, help="DPO beta (strength of the pull toward the reference).")

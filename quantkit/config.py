@@ -9,6 +9,7 @@ from pathlib import Path
 from quantkit.algorithms import LearnTarget
 from quantkit.errors import QuantkitError
 from quantkit.scheme import Method, Scheme
+from quantkit.training.sft import StageLoss
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class QATStageConfig:
     steps: int
     lr: float
     batch_size: int
+    loss: StageLoss = StageLoss.CE  # KD / MIXED distill from the frozen float starting model
+    calibration: str | None = None  # train on windows of this calibration set instead of the SFT data
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", StageLoss(self.loss))  # strings from JSON / the CLI
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,11 @@ class LoRAStageConfig:
     batch_size: int
     rank: int = 16
     alpha: float = 32.0
+    loss: StageLoss = StageLoss.CE
+    calibration: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", StageLoss(self.loss))
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,16 @@ class QLoRAConfig:
                                 f"(got {self.dpo.beta}, {self.dpo.heldout_pairs})")
         if self.seq_len < 8 or self.eval_seq_len < 2 or self.eval_windows < 1 or self.save_every < 1:
             raise QuantkitError("--seq-len must be >= 8, --eval-seq-len >= 2, --eval-windows and --save-every >= 1")
+        from quantkit.data import calibration_set  # refuses unknown set names before any work
+
+        for stage in (self.qat, self.lora):
+            if stage.calibration is not None:
+                calibration_set(stage.calibration)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a stage distills from the float starting model (kept as a frozen copy)."""
+        return self.qat.loss.needs_teacher or self.lora.loss.needs_teacher
 
     @classmethod
     def preset(cls, preset: Preset, output: Path, **overrides) -> QLoRAConfig:
@@ -151,6 +172,8 @@ class QLoRAConfig:
         d = asdict(self)
         d["output"], d["scheme"] = str(self.output), self.scheme.to_dict()
         d["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        for stage in ("qat", "lora"):
+            d[stage]["loss"] = d[stage]["loss"].value
         return d
 
 
