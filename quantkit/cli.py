@@ -102,6 +102,10 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
     out.print(f"wrote [bold]{path}[/] (pipeline ptq, method rtn)")
 
 
+#: ``--qat-calibration`` / ``--lora-calibration`` value that selects the SFT data instead of a calibration set
+NO_CALIBRATION = "none"
+
+
 @main.command()
 @model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
@@ -116,10 +120,11 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
 @click.option("--qat-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 1 loss: `ce` (cross-entropy on the responses), `kd` (distillation: KL from the frozen "
                    "float starting model's next-token distribution to the student's, at every token) or `mixed` "
-                   "(their mean).")
-@click.option("--qat-calibration", default=None, metavar="SET",
-              help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2, c4) "
-                   "instead of the SFT data. Never the WikiText-2 test split.")
+                   "(their mean). The cpu preset uses kd, the full preset ce.")
+@click.option("--qat-calibration", default=None, metavar="SET|none",
+              help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2 = "
+                   "Wikipedia articles, c4), never the WikiText-2 test split; `none` trains on the SFT data. "
+                   "The cpu preset uses wikitext2, the full preset none.")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
@@ -127,8 +132,8 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
 @click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
-@click.option("--lora-calibration", default=None, metavar="SET",
-              help="Train stage 2 on windows of this calibration set instead of the SFT data, as --qat-calibration.")
+@click.option("--lora-calibration", default=None, metavar="SET|none",
+              help="Stage 2's text, as --qat-calibration.")
 @click.option("--dpo-steps", type=int, default=None, help="Stage 3 (DPO, backbone + adapters) optimizer steps.")
 @click.option("--dpo-lr", type=float, default=None, help="Stage 3 peak learning rate.")
 @click.option("--dpo-beta", type=float, default=None, help="DPO beta (strength of the pull toward the reference).")
@@ -171,6 +176,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     from quantkit.progress import out
 
     overrides = {k.replace("heldout_pairs", "dpo_heldout_pairs"): v for k, v in options.items() if v is not None}
+    for key in ("qat_calibration", "lora_calibration"):
+        if overrides.get(key) == NO_CALIBRATION:
+            overrides[key] = None  # the stage trains on the SFT data
     if batch_size is not None:
         overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,

@@ -102,7 +102,7 @@ def test_cli_distills_on_calibration_text(tiny_dir, tmp_path, data_dir):
     res = CliRunner().invoke(main, [str(a) for a in (
         "qlora", "--model", tiny_dir, "--output", out, "--preset", "cpu", "--data-dir", data_dir,
         "--qat-steps", 2, "--qat-loss", "kd", "--qat-calibration", "wikitext2", "--lora-steps", 2,
-        "--lora-loss", "mixed", "--dpo-steps", 1, "--lora-rank", 4, "--heldout-pairs", 4, "--seq-len", 48,
+        "--lora-loss", "mixed", "--lora-calibration", "none", "--dpo-steps", 1, "--lora-rank", 4, "--heldout-pairs", 4, "--seq-len", 48,
         "--eval-windows", 1, "--eval-seq-len", 32)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     _, meta = load_checkpoint(out)
@@ -117,4 +117,7 @@ def test_unknown_calibration_set_and_loss_are_refused(tmp_path):
         QLoRAConfig.preset(Preset.CPU, tmp_path / "o", qat_calibration="wikitext2-test")
     with pytest.raises(ValueError):
         QLoRAConfig.preset(Preset.CPU, tmp_path / "o", lora_loss="kl")
-    assert QLoRAConfig.preset(Preset.CPU, tmp_path / "o", qat_loss="kd").qat.loss is StageLoss.KD
+    assert QLoRAConfig.preset(Preset.CPU, tmp_path / "o", qat_loss="ce").qat.loss is StageLoss.CE
+    cpu, full = (QLoRAConfig.preset(p, tmp_path / "o") for p in (Preset.CPU, Preset.FULL))
+    assert cpu.qat.loss is cpu.lora.loss is StageLoss.KD and cpu.qat.calibration == cpu.lora.calibration == "wikitext2"
+    assert full.qat.loss is full.lora.loss is StageLoss.CE and full.qat.calibration is full.lora.calibration is None
