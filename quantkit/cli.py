@@ -144,9 +144,9 @@ NO_CALIBRATION = "none"
 @click.option("--seq-len", type=int, default=None,
               help="Training tokens per sequence (prompts truncated from the left, responses from the right).")
 @click.option("--sft-data", default=None, show_default="alpaca",
-              help="Instruction data for stages 1 and 2: alpaca, gsm8k-chat, or a .json/.jsonl file "
-                   "(Alpaca fields or chat `messages`).")
-@click.option("--pref-data", default=None, show_default="hh-rlhf-harmless",
+              help="Instruction data for stages 1 and 2 (when they do not train on a calibration set): alpaca, "
+                   "gsm8k-chat, or a .json/.jsonl file (Alpaca fields or chat `messages`).")
+@click.option("--pref-data", default=None, show_default="orca-dpo with the cpu preset, else hh-rlhf-harmless",
               help="Preference pairs for stage 3: hh-rlhf-harmless, orca-dpo, dpo-en-demo, or a .json/.jsonl file "
                    "with chosen/rejected fields.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)

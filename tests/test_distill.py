@@ -121,3 +121,4 @@ def test_unknown_calibration_set_and_loss_are_refused(tmp_path):
     cpu, full = (QLoRAConfig.preset(p, tmp_path / "o") for p in (Preset.CPU, Preset.FULL))
     assert cpu.qat.loss is cpu.lora.loss is StageLoss.KD and cpu.qat.calibration == cpu.lora.calibration == "wikitext2"
     assert full.qat.loss is full.lora.loss is StageLoss.CE and full.qat.calibration is full.lora.calibration is None
+    assert cpu.pref_data == "orca-dpo" and cpu.dpo.heldout_pairs == 64 and full.pref_data == "hh-rlhf-harmless"
