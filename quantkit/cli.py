@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import Preset
+from quantkit.config import Preset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -102,6 +102,10 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
     out.print(f"wrote [bold]{path}[/] (pipeline ptq, method rtn)")
 
 
+#: ``--qat-calibration`` / ``--lora-calibration`` value that selects the SFT data instead of a calibration set
+NO_CALIBRATION = "none"
+
+
 @main.command()
 @model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
@@ -113,11 +117,23 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
                                       "(minutes on a 2-core CPU; used by `make demo`). Options below override it.")
 @click.option("--qat-steps", type=int, default=None, help="Stage 1 (QAT SFT, all weights) optimizer steps.")
 @click.option("--qat-lr", type=float, default=None, help="Stage 1 peak learning rate (AdamW, warm-up then cosine).")
+@click.option("--qat-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
+              help="Stage 1 loss: `ce` (cross-entropy on the responses), `kd` (distillation: KL from the frozen "
+                   "float starting model's next-token distribution to the student's, at every token) or `mixed` "
+                   "(their mean). The cpu preset uses kd, the full preset ce.")
+@click.option("--qat-calibration", default=None, metavar="SET|none",
+              help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2 = "
+                   "Wikipedia articles, c4), never the WikiText-2 test split; `none` trains on the SFT data. "
+                   "The cpu preset uses wikitext2, the full preset none.")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
               help="LoRA rank: at least 1, at most the smallest side of every block linear.")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
+@click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
+              help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
+@click.option("--lora-calibration", default=None, metavar="SET|none",
+              help="Stage 2's text, as --qat-calibration.")
 @click.option("--dpo-steps", type=int, default=None, help="Stage 3 (DPO, backbone + adapters) optimizer steps.")
 @click.option("--dpo-lr", type=float, default=None, help="Stage 3 peak learning rate.")
 @click.option("--dpo-beta", type=float, default=None, help="DPO beta (strength of the pull toward the reference).")
@@ -128,9 +144,9 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
 @click.option("--seq-len", type=int, default=None,
               help="Training tokens per sequence (prompts truncated from the left, responses from the right).")
 @click.option("--sft-data", default=None, show_default="alpaca",
-              help="Instruction data for stages 1 and 2: alpaca, gsm8k-chat, or a .json/.jsonl file "
-                   "(Alpaca fields or chat `messages`).")
-@click.option("--pref-data", default=None, show_default="hh-rlhf-harmless",
+              help="Instruction data for stages 1 and 2 (when they do not train on a calibration set): alpaca, "
+                   "gsm8k-chat, or a .json/.jsonl file (Alpaca fields or chat `messages`).")
+@click.option("--pref-data", default=None, show_default="orca-dpo with the cpu preset, else hh-rlhf-harmless",
               help="Preference pairs for stage 3: hh-rlhf-harmless, orca-dpo, dpo-en-demo, or a .json/.jsonl file "
                    "with chosen/rejected fields.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
@@ -160,6 +176,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     from quantkit.progress import out
 
     overrides = {k.replace("heldout_pairs", "dpo_heldout_pairs"): v for k, v in options.items() if v is not None}
+    for key in ("qat_calibration", "lora_calibration"):
+        if overrides.get(key) == NO_CALIBRATION:
+            overrides[key] = None  # the stage trains on the SFT data
     if batch_size is not None:
         overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,

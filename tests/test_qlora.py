@@ -94,13 +94,13 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path
 def test_nan_loss_stops_the_stage_and_keeps_finished_stages(tiny_dir, tmp_path, data_dir, monkeypatch):
     calls = []
 
-    def nan_in_lora(model, batch):
+    def nan_in_lora(*args):
         calls.append(1)
-        loss = loops_sft_loss(model, batch)
+        loss = real_loss(*args)
         return loss * float("nan") if len(calls) > 2 else loss  # QAT's 2 steps are fine
 
-    loops_sft_loss = qlora_pipeline.sft_loss
-    monkeypatch.setattr(qlora_pipeline, "sft_loss", nan_in_lora)
+    real_loss = qlora_pipeline.stage_loss
+    monkeypatch.setattr(qlora_pipeline, "stage_loss", nan_in_lora)
     with pytest.raises(QuantkitError, match=r"stage lora: the loss became nan at step 1"):
         run_qlora(_config(tiny_dir, tmp_path / "n", data_dir))
     assert (tmp_path / "n.stages" / "qat" / "stage.json").is_file()

@@ -2,9 +2,10 @@
 
 1. **QAT**: every module the scheme quantizes is swapped for its fake-quantized twin
    (:mod:`quantkit.training.qat`, the packed kernel's math with straight-through gradients) and the
-   whole model is fine-tuned on instruction data (loss on responses only).
+   whole model is fine-tuned on instruction data (loss on responses only), or distilled from the
+   frozen float starting model (``StageLoss.KD`` / ``MIXED``), on that data or on calibration text.
 2. **LoRA**: that backbone is frozen; bf16 LoRA adapters on every block linear are trained on
-   the same kind of data.
+   the same kind of data, with their own loss choice.
 3. **DPO**: backbone and adapters are trained together on preference pairs against the frozen
    stage-2 model; a held-out slice of pairs is scored before and after.
 
@@ -19,6 +20,7 @@ a stage). The directory is removed once the checkpoint is written.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from quantkit.checkpoint import check_output, save_checkpoint
 from quantkit.config import QLoRAConfig
-from quantkit.data import encode, wikitext2_test_text
+from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import perplexity
 from quantkit.model import load_model
@@ -39,8 +41,8 @@ from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, refe
 from quantkit.training.loops import batch_indices, run_stage, train
 from quantkit.training.lora import add_lora, check_rank, lora_metadata, merge_lora_
 from quantkit.training.qat import convert_qat, prepare_qat
-from quantkit.training.records import collate, preference_pairs, sft_records, tokenize
-from quantkit.training.sft import sft_loss
+from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
+from quantkit.training.sft import stage_loss
 
 REPORT_FILE = "qlora_report.json"
 
@@ -58,18 +60,21 @@ def run_qlora(config: QLoRAConfig) -> Path:
     report = {"eval": {"windows": config.eval_windows, "seq_len": config.eval_seq_len},
               "perplexity_float": _cached_perplexity(work / "ppl-float.json", model, data, config, "ppl float")}
 
+    # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
     prepare_qat(model, config.scheme)  # (1) QAT: fake-quantized forward, every weight trained
     # Before any training the fake-quantized model is vanilla PTQ (round-to-nearest), exactly.
     report["perplexity_ptq"] = _cached_perplexity(work / "ppl-ptq.json", model, data, config, "ppl vanilla PTQ")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
-        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress))
+        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher))
 
     model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained
     torch.manual_seed(config.seed)  # the adapters' A init: a resumed run must draw the same one
     add_lora(model, config.lora.rank, config.lora.alpha)
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     report["lora"] = run_stage(work, "lora", model, lambda progress: _sft_stage(
-        "lora", model, adapters, config.lora, data, config, progress))
+        "lora", model, adapters, config.lora, data, config, progress, teacher))
+    teacher = None  # DPO has its own (stage-2) reference; free the copy
 
     model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
     report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress))
@@ -100,7 +105,7 @@ class _Data:
                                 f"--heldout-pairs + 1 = {n_heldout + 1} are needed")
         # Held out: a seeded random slice, never trained on.
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        self._tok, self._seq_len = tok, config.seq_len
+        self._tok, self._seq_len, self._seed, self._data_dir = tok, config.seq_len, config.seed, config.data_dir
         self._train_pairs = [pairs[i] for i in order[n_heldout:]]
         self.heldout = [self._tokenized(pairs[i]) for i in order[:n_heldout]]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -114,6 +119,11 @@ class _Data:
     def sft_example(self, i: int):
         record = self._sft[i]
         return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], self._seq_len)
+
+    def calibration_windows(self, name: str, n: int) -> list[Tokenized]:
+        """``n`` seeded windows of ``seq_len`` tokens of calibration set ``name``, all of them trained on."""
+        windows = calibration_tokens(self._tok, name, n, self._seq_len, self._seed, self._data_dir)  # [n, L]
+        return [Tokenized(row.tolist(), 0) for row in windows]
 
     @property
     def n_train_pairs(self) -> int:
@@ -177,10 +187,17 @@ def _cached_perplexity(path: Path, model, data: _Data, config: QLoRAConfig, desc
     return ppl
 
 
-def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRAConfig, progress: Path) -> dict:
+def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRAConfig, progress: Path,
+               teacher) -> dict:
+    if stage.calibration is None:  # instruction data, tokenized on demand
+        n_rows, example = data.n_sft, data.sft_example
+    else:  # one fresh window per sequence of the stage (raw text: every token is a target)
+        windows = data.calibration_windows(stage.calibration, max(1, stage.steps * stage.batch_size))
+        n_rows, example = len(windows), windows.__getitem__
+
     def loss(step: int) -> torch.Tensor:
-        rows = batch_indices(data.n_sft, stage.batch_size, step, config.seed)
-        return sft_loss(model, collate([data.sft_example(i) for i in rows], data.pad_id))
+        rows = batch_indices(n_rows, stage.batch_size, step, config.seed)
+        return stage_loss(model, collate([example(i) for i in rows], data.pad_id), stage.loss, teacher)
 
     model.train()
     losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every)
