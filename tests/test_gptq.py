@@ -8,6 +8,7 @@ import torch
 from quantkit.algorithms.gptq import HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
+from quantkit.scheme import WeightClip
 
 
 def _correlated(n_tokens: int, k: int, seed: int) -> torch.Tensor:
@@ -16,25 +17,31 @@ def _correlated(n_tokens: int, k: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order):
+@pytest.mark.parametrize("clip", [WeightClip.AMAX, WeightClip.MSE])
+def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order, clip):
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     x = _correlated(512, 96, 1)
     h = x.double().T @ x.double() / len(x)
-    codes, scales = gptq_quantize(w, h, bits=4, group_size=32, scale_dtype=torch.bfloat16, act_order=act_order)
+    codes, scales = gptq_quantize(w, h, bits=4, group_size=32, scale_dtype=torch.bfloat16, act_order=act_order,
+                                  clip=clip)
     assert codes.dtype == torch.int8 and codes.shape == w.shape and scales.shape == (48, 3)
     assert scales.dtype == torch.bfloat16 and codes.min() >= -8 and codes.max() <= 7
-    rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16)).T) ** 2).mean()
+    rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16, clip)).T) ** 2).mean()
     gptq = ((x @ (w - dequantize(codes, scales, 32)).T) ** 2).mean()
     assert gptq < 0.8 * rtn
     if act_order:  # static groups: the scales are RTN's, chosen before any column moved
-        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16))
+        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
 
 
-def test_identity_hessian_gives_rtn():
-    """With no correlation between inputs there is nothing to compensate: GPTQ is round-to-nearest."""
+@pytest.mark.parametrize("clip", list(WeightClip))
+def test_identity_hessian_gives_rtn(clip):
+    """With no correlation between inputs there is nothing to compensate: GPTQ is round-to-nearest,
+    with the same scale choice (amax or the clip search) as RTN."""
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
-    codes, scales = gptq_quantize(w, torch.eye(64, dtype=torch.float64), 4, 32, damp=1e-9)
-    torch.testing.assert_close(dequantize(codes, scales, 32), quantize_dequantize(w, 4, 32), rtol=0, atol=1e-6)
+    codes, scales = gptq_quantize(w, torch.eye(64, dtype=torch.float64), 4, 32, torch.bfloat16, damp=1e-9, clip=clip)
+    assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
+    torch.testing.assert_close(dequantize(codes, scales, 32), quantize_dequantize(w, 4, 32, torch.bfloat16, clip),
+                               rtol=0, atol=1e-6)
 
 
 def test_dead_columns_are_zero():

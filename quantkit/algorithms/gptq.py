@@ -10,7 +10,7 @@ scales fit the packed format and every kernel unchanged.
 * **Damping**: ``H += damp · mean(diag H) · I`` (default 1%); columns never activated
   (``H_jj = 0``) are zeroed and get ``H_jj = 1``.
 * **Scales**: without act-order a group's scale is chosen when GPTQ reaches its first column,
-  from the weights as updated so far. With **act-order** (columns in decreasing ``H_jj``) the
+  from the weights as updated so far (amax, or the clip search of the primitives: ``clip``). With **act-order** (columns in decreasing ``H_jj``) the
   scales are *static*: chosen from the original weights before any column moves, so groups stay
   the contiguous 32-column blocks of the format and the kernel does not change.
 * :func:`gptq_layer` runs one decoder layer **true-sequentially**: q/k/v from the layer's inputs,
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.primitives import choose_scales, dequantize, quantize
+from quantkit.scheme import WeightClip
 
 #: the linears of a Llama block in true-sequential groups (those in a group share one input)
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -33,7 +34,7 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   scale_dtype: torch.dtype = torch.float32, damp: float = 0.01, act_order: bool = False,
-                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128, clip: WeightClip = WeightClip.AMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` (int8) and scales ``[N, K/group_size]`` for ``weight [N, K]`` given ``hessian [K, K]``."""
     w = weight.detach().double().clone()  # [N, K], updated in place as errors are spread
     h = hessian.detach().double().clone()
@@ -44,7 +45,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     # static scales (act-order) come from the original weights, group by original column
-    scales = choose_scales(w, bits, group_size, scale_dtype) if act_order else \
+    scales = choose_scales(w, bits, group_size, scale_dtype, clip) if act_order else \
         torch.zeros(n, k // group_size, dtype=scale_dtype)
     w, h = w[:, perm], h[perm][:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [K, K]
@@ -57,7 +58,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             col = int(perm[i])
             g = col // group_size
             if not act_order and col % group_size == 0:  # without act-order perm is the identity
-                scales[:, g] = choose_scales(w[:, i : i + group_size], bits, None, scale_dtype)[:, 0]
+                scales[:, g] = choose_scales(w[:, i : i + group_size], bits, None, scale_dtype, clip)[:, 0]
             s = scales[:, g : g + 1]  # [N, 1]
             q = quantize(w[:, i : i + 1], s, bits, group_size=1)  # [N, 1] int8
             codes[:, col] = q[:, 0]
@@ -90,7 +91,7 @@ class _Stop(Exception):
 
 def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits: int, group_size: int,
                scale_dtype: torch.dtype, damp: float = 0.01, act_order: bool = False,
-               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+               clip: WeightClip = WeightClip.AMAX) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """GPTQ every linear of one decoder ``layer`` on its ``inputs [n, L, D]`` (one sample per forward).
 
     Returns ``{name: (codes, scales)}`` (names relative to the layer) and the quantized layer's
@@ -114,7 +115,8 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
             hook.handle.remove()
         # one GPTQ pass over the group's weights stacked by output rows: [sum N, K]
         stacked = torch.cat([mod.weight.detach().float() for mod in mods])
-        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order)
+        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order,
+                                      clip=clip)
         rows = [mod.out_features for mod in mods]
         for name, mod, c, s in zip(group, mods, codes.split(rows), scales.split(rows), strict=True):
             with torch.no_grad():

@@ -292,7 +292,7 @@ def _fake_quantized_weights(model: nn.Module, rot: Rotations, scheme: Scheme) ->
         elif name == head and scheme.head_bits is not None:
             weights[name] = fake_quantize(w, scheme.head_bits, None, sd)
         elif name.endswith(".weight") and name not in (emb, head) and w.shape[-1] % scheme.group_size == 0:
-            weights[name] = fake_quantize(w, scheme.linear_bits, scheme.group_size, sd)
+            weights[name] = fake_quantize(w, scheme.linear_bits, scheme.group_size, sd, scheme.weight_clip)
     return weights
 
 
