@@ -29,8 +29,16 @@ def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order, clip):
     rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16, clip)).T) ** 2).mean()
     gptq = ((x @ (w - dequantize(codes, scales, 32)).T) ** 2).mean()
     assert gptq < 0.8 * rtn
-    if act_order:  # static groups: the scales are RTN's, chosen before any column moved
-        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
+    if act_order:  # static groups: chosen from the original weights before any column moved
+        hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(96, dtype=torch.float64)
+        perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True)
+        # the search weights column j by 1 / U_jj², U the upper Cholesky factor of the permuted H⁻¹
+        u_diag = torch.linalg.cholesky(torch.linalg.inv(hd[perm][:, perm]), upper=True).diagonal()
+        cost = torch.empty(96, dtype=torch.float64)
+        cost[perm] = u_diag ** -2
+        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip, cost))
+        if clip is WeightClip.AMAX:  # = RTN's scales
+            assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16))
 
 
 @pytest.mark.parametrize("clip", list(WeightClip))
