@@ -190,7 +190,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @overwrite_option
 @click.option("--preset", type=click.Choice(["meta", "cpu"]), default="meta", show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
-                   "for SmolLM2 on a 2-core CPU (make demo). Explicit options below override the preset.")
+                   "for SmolLM2 on a 2-core CPU (make demo: 24 steps, 24 + 32 windows of 256 tokens, rotations "
+                   "learned against the weights too). Explicit options below override the preset.")
 @click.option("--rotation-steps", type=int, default=None, show_default="100",
               help="Cayley SGD steps learning R1/R2.")
 @click.option("--rotation-samples", type=int, default=None, show_default="800",
@@ -200,9 +201,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @click.option("--rotation-lr", type=float, default=1.5, show_default=True,
               help="Cayley SGD learning rate (decays linearly to 0).")
 @click.option("--learn-against", type=click.Choice(["activations", "weights-and-activations"]),
-              default="activations", show_default=True,
+              default=None, show_default="activations; cpu preset: weights-and-activations",
               help="Quantizers in the loop while learning: activations only (weights float; Meta's recipe when GPTQ "
-                   "follows) or weights too.")
+                   "follows) or weights too (int4 with amax scales, straight-through).")
 @click.option("--rotation-mode", type=click.Choice(["learned", "random", "none"]), default="learned",
               show_default=True, help="R1/R2: learned, the random-Hadamard init only, or none (ablations).")
 @click.option("--rotations", "rotations", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -214,6 +215,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it.")
 @click.option("--act-order", is_flag=True,
               help="GPTQ columns in decreasing activation energy (static group scales: same format and kernel).")
+@click.option("--no-refit-scales", "refit_scales", flag_value=False, default=None,
+              help="Keep GPTQ's group scales as chosen (default: once a linear's codes are fixed, re-solve each "
+                   "row's scales by least squares on the calibration Hessian, kept only where that lowers the error).")
 @click.option("--calibration", default="wikitext2", show_default=True,
               help="Calibration set declared in calibration/ (never the evaluation split).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)

@@ -53,14 +53,9 @@ def clip_ratios() -> list[float]:
 
 def choose_scales(
     x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32,
-    clip: WeightClip = WeightClip.AMAX, importance: torch.Tensor | None = None,
+    clip: WeightClip = WeightClip.AMAX,
 ) -> torch.Tensor:
-    """Symmetric scales of ``x [..., K]``, shape ``[..., K // group_size]``: amax, or searched (``clip``).
-
-    ``importance`` (broadcastable to ``x``, e.g. ``[K]`` per input channel) weights each element's
-    error in the search, so that channels whose error costs more are reproduced more closely;
-    GPTQ passes its per-column costs. Without it every element counts the same.
-    """
+    """Symmetric scales of ``x [..., K]``, shape ``[..., K // group_size]``: amax, or searched (``clip``)."""
     xg = _grouped(x.detach().float(), group_size)  # [..., G, gs]
     amax = xg.abs().amax(dim=-1)  # [..., G]
     qmin, qmax = qrange(bits)
@@ -69,12 +64,9 @@ def choose_scales(
     if norm is None:
         return best
 
-    weight = None if importance is None else _grouped(importance.float().expand(x.shape), group_size)
-
     def group_error(scales: torch.Tensor) -> torch.Tensor:  # [..., G]; the round trip of quantize/dequantize
         s = scales.float().unsqueeze(-1)
-        err = (torch.round(xg / s).clamp(qmin, qmax) * s - xg).abs() ** norm  # [..., G, gs]
-        return (err if weight is None else err * weight).sum(dim=-1)
+        return ((torch.round(xg / s).clamp(qmin, qmax) * s - xg).abs() ** norm).sum(dim=-1)
 
     best_err = group_error(best)
     for ratio in clip_ratios()[1:]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.algorithms.gptq import HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize
+from quantkit.algorithms.gptq import HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize, refit_scales
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
 from quantkit.scheme import WeightClip
@@ -29,16 +29,8 @@ def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order, clip):
     rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16, clip)).T) ** 2).mean()
     gptq = ((x @ (w - dequantize(codes, scales, 32)).T) ** 2).mean()
     assert gptq < 0.8 * rtn
-    if act_order:  # static groups: chosen from the original weights before any column moved
-        hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(96, dtype=torch.float64)
-        perm = torch.argsort(torch.diagonal(hd), descending=True, stable=True)
-        # the search weights column j by 1 / U_jj², U the upper Cholesky factor of the permuted H⁻¹
-        u_diag = torch.linalg.cholesky(torch.linalg.inv(hd[perm][:, perm]), upper=True).diagonal()
-        cost = torch.empty(96, dtype=torch.float64)
-        cost[perm] = u_diag ** -2
-        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip, cost))
-        if clip is WeightClip.AMAX:  # = RTN's scales
-            assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16))
+    if act_order:  # static groups: the scales are RTN's, chosen before any column moved
+        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
 
 
 @pytest.mark.parametrize("clip", list(WeightClip))
@@ -82,3 +74,22 @@ def test_layer_by_layer_error_is_at_most_rtn():
         assert torch.equal(layer.get_submodule(name).weight, dequantize(c, s, 32))  # weights replaced
         err = lambda q: torch.trace((w - q) @ h @ (w - q).T)  # noqa: E731  mean ‖x (W - Q)ᵀ‖²
         assert err(dequantize(c, s, 32)) <= err(quantize_dequantize(w, 4, 32)), name
+
+
+def test_refit_scales_lowers_each_rows_error_and_is_least_squares():
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(5))
+    x = _correlated(512, 96, 6)
+    h = x.double().T @ x.double() / len(x)
+    codes, scales = gptq_quantize(w, h, 4, 32, torch.bfloat16, clip=WeightClip.MSE)
+    refit = refit_scales(w, h, codes, scales, 32)
+    assert refit.dtype == scales.dtype and refit.shape == scales.shape and torch.all(refit > 0)
+
+    def row_error(s):  # [N]: ‖x (w_n - q_n∘s_n)ᵀ‖² per output row
+        return ((x.double() @ (w.double() - dequantize(codes, s, 32, torch.float64)).T) ** 2).sum(0)
+
+    assert torch.all(row_error(refit) <= row_error(scales))
+    assert row_error(refit).sum() < 0.99 * row_error(scales).sum()  # and it does refit something
+    # with H = I the groups decouple: each scale is the least-squares <w, q> / <q, q> of its group
+    eye = refit_scales(w, torch.eye(96, dtype=torch.float64), codes, scales.float(), 32)
+    q, wg = codes.double().reshape(40, 3, 32), w.double().reshape(40, 3, 32)
+    torch.testing.assert_close(eye.double(), (q * wg).sum(-1) / (q * q).sum(-1), rtol=1e-5, atol=1e-7)
