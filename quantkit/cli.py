@@ -105,8 +105,8 @@ def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale
     from quantkit.pipelines.ptq import run_ptq
     from quantkit.progress import out
 
-    config = PTQConfig(output=output, model=_model_arg(model), scheme=_scheme(group_size, scale_dtype, weight_clip),
-                       overwrite=overwrite)
+    config = PTQConfig(output=output, model=_model_arg(model),
+                       scheme=_scheme(group_size, scale_dtype, weight_clip), overwrite=overwrite)
     path = run_ptq(config)
     out.print(f"wrote [bold]{path}[/] (pipeline ptq, method rtn)")
 

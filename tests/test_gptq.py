@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.algorithms.gptq import HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize, refit_scales
+from quantkit.algorithms.gptq import (HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize,
+                                     refit_scales)
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
 from quantkit.scheme import WeightClip

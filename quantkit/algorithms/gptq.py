@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.primitives import choose_scales, dequantize, quantize
+from quantkit.primitives import MIN_SCALE, choose_scales, dequantize, quantize
 from quantkit.scheme import WeightClip
 
 #: the linears of a Llama block in true-sequential groups (those in a group share one input)
@@ -105,7 +105,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tenso
         ridge = 1e-6 * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[:, None, None]  # empty groups
         eye = torch.eye(groups, dtype=torch.float64)
         s = torch.linalg.solve(a + ridge * eye, (cc + ridge[:, :, 0] * s0)[..., None])[..., 0]
-        s = s.clamp(min=1e-10).to(scales.dtype)
+        s = s.clamp(min=MIN_SCALE).to(scales.dtype)
 
         def obj(x: torch.Tensor) -> torch.Tensor:  # [c]: the row's error up to the constant w H wᵀ
             x = x.double()
@@ -138,7 +138,8 @@ class _Stop(Exception):
 
 def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits: int, group_size: int,
                scale_dtype: torch.dtype, damp: float = 0.01, act_order: bool = False,
-               clip: WeightClip = WeightClip.AMAX, refit: bool = False) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+               clip: WeightClip = WeightClip.AMAX, refit: bool = False,
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """GPTQ every linear of one decoder ``layer`` on its ``inputs [n, L, D]`` (one sample per forward).
 
     Returns ``{name: (codes, scales)}`` (names relative to the layer) and the quantized layer's
