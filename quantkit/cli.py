@@ -10,7 +10,7 @@ import click
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.config import Preset, StageLoss
-from quantkit.scheme import ScaleDtype, Scheme
+from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
 
@@ -46,6 +46,12 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --out
 
 def scheme_options(f):
     """Options that fill the Scheme; shared by every quantizing command."""
+    f = click.option("--weight-clip", type=click.Choice([c.value for c in WeightClip]), default=None,
+                     show_default="amax; spinquant: mse",
+                     help="How each int4 group's scale is chosen: `amax` (max|w|/7, nothing clips), or a search "
+                          "of the clip ratio (1.0 down to 0.6) minimizing the group's rounding error, "
+                          "`mse` (sum of squares) or `lp2.4` (sum |err|^2.4, QuaRot's). Used by RTN, GPTQ "
+                          "and QAT alike; the packed format does not change.")(f)
     f = click.option("--scale-dtype", type=click.Choice([d.value for d in ScaleDtype]), default="bfloat16",
                      show_default=True, help="dtype in which weight scales are stored.")(f)
     f = click.option("--group-size", type=int, default=32, show_default=True,
@@ -64,10 +70,12 @@ def _write_json(path: Path | None, data) -> None:
     tmp.replace(path)
 
 
-def _scheme(group_size: int, scale_dtype: str) -> Scheme:
+def _scheme(group_size: int, scale_dtype: str, weight_clip: str | None,
+            default_clip: WeightClip = WeightClip.AMAX) -> Scheme:
     if group_size <= 0:
         raise click.BadParameter(f"must be positive, got {group_size}", param_hint="--group-size")
-    return Scheme(group_size=group_size, scale_dtype=ScaleDtype(scale_dtype))
+    clip = default_clip if weight_clip is None else WeightClip(weight_clip)
+    return Scheme(group_size=group_size, scale_dtype=ScaleDtype(scale_dtype), weight_clip=clip)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -90,14 +98,15 @@ def main(verbose: bool) -> None:
               help="Checkpoint directory to write (written atomically).")
 @overwrite_option
 @scheme_options
-def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale_dtype: str) -> None:
+def ptq(model: str | None, output: Path, overwrite: bool, group_size: int, scale_dtype: str,
+        weight_clip: str | None) -> None:
     """Vanilla PTQ: round-to-nearest 8da4w blocks, int8 head and embedding (no data needed)."""
     from quantkit.config import PTQConfig
     from quantkit.pipelines.ptq import run_ptq
     from quantkit.progress import out
 
-    config = PTQConfig(output=output, model=_model_arg(model), scheme=_scheme(group_size, scale_dtype),
-                       overwrite=overwrite)
+    config = PTQConfig(output=output, model=_model_arg(model),
+                       scheme=_scheme(group_size, scale_dtype, weight_clip), overwrite=overwrite)
     path = run_ptq(config)
     out.print(f"wrote [bold]{path}[/] (pipeline ptq, method rtn)")
 
@@ -161,7 +170,8 @@ NO_CALIBRATION = "none"
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and held-out split.")
 @scheme_options
 def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart: bool, merge_lora: bool,
-          seed: int, group_size: int, scale_dtype: str, batch_size: int | None, **options) -> None:
+          seed: int, group_size: int, scale_dtype: str, weight_clip: str | None, batch_size: int | None,
+          **options) -> None:
     """QAT, then LoRA on the frozen QAT backbone, then DPO: packed int4 checkpoint + bf16 LoRA adapters.
 
     Writes a qlora_report.json into the checkpoint: loss per step of each stage, WikiText-2
@@ -182,7 +192,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     if batch_size is not None:
         overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,
-                                scheme=_scheme(group_size, scale_dtype), overwrite=overwrite, **overrides)
+                                scheme=_scheme(group_size, scale_dtype, weight_clip), overwrite=overwrite,
+                                **overrides)
     if restart:
         check_output(output, overwrite)  # refuse before discarding anything
         shutil.rmtree(output.with_name(output.name + ".stages"), ignore_errors=True)
@@ -198,7 +209,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @overwrite_option
 @click.option("--preset", type=click.Choice(["meta", "cpu"]), default="meta", show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
-                   "for SmolLM2 on a 2-core CPU (make demo). Explicit options below override the preset.")
+                   "for SmolLM2 on a 2-core CPU (make demo: 24 steps, 24 + 32 windows of 256 tokens, rotations "
+                   "learned against the weights too). Explicit options below override the preset.")
 @click.option("--rotation-steps", type=int, default=None, show_default="100",
               help="Cayley SGD steps learning R1/R2.")
 @click.option("--rotation-samples", type=int, default=None, show_default="800",
@@ -208,9 +220,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @click.option("--rotation-lr", type=float, default=1.5, show_default=True,
               help="Cayley SGD learning rate (decays linearly to 0).")
 @click.option("--learn-against", type=click.Choice(["activations", "weights-and-activations"]),
-              default="activations", show_default=True,
+              default=None, show_default="activations; cpu preset: weights-and-activations",
               help="Quantizers in the loop while learning: activations only (weights float; Meta's recipe when GPTQ "
-                   "follows) or weights too.")
+                   "follows) or weights too (int4 with amax scales, straight-through).")
 @click.option("--rotation-mode", type=click.Choice(["learned", "random", "none"]), default="learned",
               show_default=True, help="R1/R2: learned, the random-Hadamard init only, or none (ablations).")
 @click.option("--rotations", "rotations", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -222,6 +234,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it.")
 @click.option("--act-order", is_flag=True,
               help="GPTQ columns in decreasing activation energy (static group scales: same format and kernel).")
+@click.option("--no-refit-scales", "refit_scales", flag_value=False, default=None,
+              help="Keep GPTQ's group scales as chosen (default: once a linear's codes are fixed, re-solve each "
+                   "row's scales by least squares on the calibration Hessian, kept only where that lowers the error).")
 @click.option("--calibration", default="wikitext2", show_default=True,
               help="Calibration set declared in calibration/ (never the evaluation split).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
@@ -229,19 +244,20 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Where finished stages are kept for resuming (default: .OUTPUT.spinquant-work beside OUTPUT).")
 @scheme_options
-def spinquant(model: str | None, output: Path, preset: str, group_size: int, scale_dtype: str, no_r4: bool,
-              **options) -> None:
+def spinquant(model: str | None, output: Path, preset: str, group_size: int, scale_dtype: str,
+              weight_clip: str | None, no_r4: bool, **options) -> None:
     """SpinQuant: learned rotations (R1, R2) + Hadamard R4, then GPTQ; the same packed int4 checkpoint as ptq.
 
     An interrupted run resumes from its last finished stage (rotations, then each GPTQ layer) when run
     again with the same options.
     """
-    from quantkit.config import SPINQUANT_PRESETS, SpinQuantConfig, SpinQuantPreset
+    from quantkit.config import SPINQUANT_PRESETS, SPINQUANT_WEIGHT_CLIP, SpinQuantConfig, SpinQuantPreset
     from quantkit.pipelines.spinquant import run_spinquant
     from quantkit.progress import out
 
     sizes = {**SPINQUANT_PRESETS[SpinQuantPreset(preset)], **{k: v for k, v in options.items() if v is not None}}
-    config = SpinQuantConfig(output=output, model=_model_arg(model), scheme=_scheme(group_size, scale_dtype),
+    scheme = _scheme(group_size, scale_dtype, weight_clip, default_clip=SPINQUANT_WEIGHT_CLIP)
+    config = SpinQuantConfig(output=output, model=_model_arg(model), scheme=scheme,
                              r4=not no_r4, **sizes)
     path = run_spinquant(config)
     out.print(f"wrote [bold]{path}[/] (pipeline spinquant, method {config.method.value})")

@@ -211,7 +211,8 @@ Int4Codes = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def rtn_codes(scheme: Scheme) -> Int4Codes:
     """Round-to-nearest: the scheme's scales, each weight rounded on its own."""
     def codes(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG001
-        scales = choose_scales(weight, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch)
+        scales = choose_scales(weight, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
+                               scheme.weight_clip)
         return quantize(weight, scales, scheme.linear_bits, scheme.group_size), scales
     return codes
 

@@ -7,6 +7,11 @@ Conventions
 * ``bits`` b gives the integer range ``[-2**(b-1), 2**(b-1) - 1]`` (int4: -8..7, int8: -128..127).
 * The scale of a group is ``amax / qmax`` (int4: ``max|w| / 7``): the largest magnitude maps to
   ``±qmax`` exactly, nothing clips, and every value's rounding error is at most ``scale / 2``.
+* **Clip search** (``WeightClip.MSE`` / ``LP24``, int4 weights only): the scale of each group is
+  ``r · amax / qmax`` for the clip ratio ``r`` on a fixed grid (1.0 down to ``CLIP_MIN_RATIO``)
+  whose round trip has the smallest ``sum |x - q|^p``. Clipping the few largest weights buys a
+  finer step for all the others; ratio 1.0 (amax) is a candidate and only a strictly smaller
+  error replaces it, so the search never does worse than amax on the group it measures.
 * ``group_size=None`` means one group spanning the whole last dimension: per-channel for a
   weight ``[out, in]``, per-token for activations ``[..., hidden]``.
 * Scales are computed in float32, then stored in ``scale_dtype``; quantization always divides by
@@ -16,6 +21,8 @@ Conventions
 from __future__ import annotations
 
 import torch
+
+from quantkit.scheme import WeightClip
 
 # Smallest scale: keeps all-zero groups finite (they quantize to 0 and dequantize to 0).
 MIN_SCALE = 1e-10
@@ -35,12 +42,40 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // gs, gs)
 
 
+#: clip ratios the search tries (largest first): CLIP_STEPS evenly spaced from 1.0 to CLIP_MIN_RATIO
+CLIP_STEPS = 41
+CLIP_MIN_RATIO = 0.6
+
+
+def clip_ratios() -> list[float]:
+    return [1.0 - i * (1.0 - CLIP_MIN_RATIO) / (CLIP_STEPS - 1) for i in range(CLIP_STEPS)]
+
+
 def choose_scales(
-    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32
+    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32,
+    clip: WeightClip = WeightClip.AMAX,
 ) -> torch.Tensor:
-    """Symmetric scales of ``x [..., K]``, shape ``[..., K // group_size]``."""
-    amax = _grouped(x.detach().float(), group_size).abs().amax(dim=-1)
-    return (amax / qrange(bits)[1]).clamp(min=MIN_SCALE).to(scale_dtype)
+    """Symmetric scales of ``x [..., K]``, shape ``[..., K // group_size]``: amax, or searched (``clip``)."""
+    xg = _grouped(x.detach().float(), group_size)  # [..., G, gs]
+    amax = xg.abs().amax(dim=-1)  # [..., G]
+    qmin, qmax = qrange(bits)
+    best = (amax / qmax).clamp(min=MIN_SCALE).to(scale_dtype)
+    norm = WeightClip(clip).norm
+    if norm is None:
+        return best
+
+    def group_error(scales: torch.Tensor) -> torch.Tensor:  # [..., G]; the round trip of quantize/dequantize
+        s = scales.float().unsqueeze(-1)
+        return ((torch.round(xg / s).clamp(qmin, qmax) * s - xg).abs() ** norm).sum(dim=-1)
+
+    best_err = group_error(best)
+    for ratio in clip_ratios()[1:]:
+        cand = (amax * ratio / qmax).clamp(min=MIN_SCALE).to(scale_dtype)  # the stored (rounded) scale
+        err = group_error(cand)
+        better = err < best_err  # strict: ties keep the larger scale
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def quantize(x: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
@@ -60,10 +95,11 @@ def dequantize(
 
 
 def quantize_dequantize(
-    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32
+    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32,
+    clip: WeightClip = WeightClip.AMAX,
 ) -> torch.Tensor:
     """What ``x`` looks like after a round trip through ``bits``-bit codes, in float32."""
-    scales = choose_scales(x, bits, group_size, scale_dtype)
+    scales = choose_scales(x, bits, group_size, scale_dtype, clip)
     return dequantize(quantize(x, scales, bits, group_size), scales, group_size)
 
 
@@ -80,11 +116,12 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def fake_quantize(
-    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32
+    x: torch.Tensor, bits: int, group_size: int | None = None, scale_dtype: torch.dtype = torch.float32,
+    clip: WeightClip = WeightClip.AMAX,
 ) -> torch.Tensor:
     """Quantize-dequantize in the forward pass, identity gradient (straight-through estimator).
 
     The forward value equals ``quantize_dequantize(x)`` cast to ``x.dtype``, exactly.
     """
-    xq = quantize_dequantize(x.detach(), bits, group_size, scale_dtype).to(x.dtype)
+    xq = quantize_dequantize(x.detach(), bits, group_size, scale_dtype, clip).to(x.dtype)
     return _StraightThrough.apply(x, xq)

@@ -40,6 +40,22 @@ class ScaleDtype(str, enum.Enum):
         return getattr(torch, self.value)
 
 
+class WeightClip(str, enum.Enum):
+    """How the int4 block linears' group scales are chosen (recorded in checkpoint metadata).
+
+    Only the choice of scale changes; codes, scales and the packed format are the same.
+    """
+
+    AMAX = "amax"  # scale = max|w| / qmax: nothing clips (vanilla RTN)
+    MSE = "mse"  # clip ratio per group searched on a grid, minimizing sum (w - q)^2
+    LP24 = "lp2.4"  # the same search minimizing sum |w - q|^2.4 (QuaRot / SpinQuant's w_clip)
+
+    @property
+    def norm(self) -> float | None:
+        """Exponent p of the group error ``sum |w - q|^p`` the search minimizes (None: no search)."""
+        return {WeightClip.AMAX: None, WeightClip.MSE: 2.0, WeightClip.LP24: 2.4}[self]
+
+
 class Method(str, enum.Enum):
     """How integer weights were chosen (recorded in checkpoint metadata)."""
 
@@ -57,10 +73,14 @@ class Scheme:
     embedding_bits: int | None = 8  # embedding, per-row symmetric; None = leave in bf16
     scale_dtype: ScaleDtype = ScaleDtype.BFLOAT16
     untie_embeddings: bool = True
+    # int4 group scales: amax, or a clip search (RTN and GPTQ; head, embedding and activations stay amax).
+    # Checkpoints written before this field existed used amax, which is what from_dict fills in.
+    weight_clip: WeightClip = WeightClip.AMAX
 
     def __post_init__(self) -> None:
         # Frozen dataclass: coerce strings (from JSON/CLI) through object.__setattr__.
         object.__setattr__(self, "scale_dtype", ScaleDtype(self.scale_dtype))
+        object.__setattr__(self, "weight_clip", WeightClip(self.weight_clip))
         if self.linear_bits not in (2, 3, 4):
             raise QuantkitError(f"linear_bits must be 2, 3 or 4 (packed 4-bit storage), got {self.linear_bits}")
         if self.group_size <= 0 or self.group_size % 2:
@@ -73,6 +93,7 @@ class Scheme:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale_dtype"] = self.scale_dtype.value
+        d["weight_clip"] = self.weight_clip.value
         d["version"] = SCHEME_VERSION
         return d
 

@@ -8,7 +8,7 @@ from quantkit.errors import QuantkitError
 from quantkit.model import LoadedModel, tiny_tokenizer
 from quantkit.modules import quantize_
 from quantkit.packing import FORMAT_VERSION
-from quantkit.scheme import Scheme
+from quantkit.scheme import Scheme, WeightClip
 
 
 @pytest.fixture
@@ -126,3 +126,18 @@ def test_different_head_and_embedding_are_both_stored(quantized, ids, tmp_path):
     assert "lm_head.qweight" not in json.loads((out / METADATA_FILE).read_text())["aliases"]
     back, _ = load_checkpoint(out)
     assert torch.equal(_logits(loaded.model, ids), _logits(back.model, ids))
+
+
+def test_weight_clip_is_recorded_and_older_metadata_reads_as_amax(tiny, tmp_path):
+    scheme = Scheme(weight_clip="mse")
+    plan = quantize_(tiny, scheme)
+    out = save_checkpoint(LoadedModel(tiny, tiny_tokenizer(), "tiny-source", "abc123"), plan, scheme,
+                          tmp_path / "ck", pipeline="ptq", method="rtn")
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert meta["scheme"]["weight_clip"] == "mse"
+    assert Scheme.from_dict(meta["scheme"]).weight_clip is WeightClip.MSE
+    load_checkpoint(out)  # loads: the format did not change
+    older = {k: v for k, v in meta["scheme"].items() if k != "weight_clip"}  # written before the field existed
+    assert Scheme.from_dict(older).weight_clip is WeightClip.AMAX
+    with pytest.raises(ValueError):
+        Scheme(weight_clip="median")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.algorithms.gptq import HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize
+from quantkit.algorithms.gptq import (HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize,
+                                     refit_scales)
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
+from quantkit.scheme import WeightClip
 
 
 def _correlated(n_tokens: int, k: int, seed: int) -> torch.Tensor:
@@ -16,25 +18,31 @@ def _correlated(n_tokens: int, k: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order):
+@pytest.mark.parametrize("clip", [WeightClip.AMAX, WeightClip.MSE])
+def test_gptq_error_is_at_most_rtn_and_codes_fit_the_format(act_order, clip):
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     x = _correlated(512, 96, 1)
     h = x.double().T @ x.double() / len(x)
-    codes, scales = gptq_quantize(w, h, bits=4, group_size=32, scale_dtype=torch.bfloat16, act_order=act_order)
+    codes, scales = gptq_quantize(w, h, bits=4, group_size=32, scale_dtype=torch.bfloat16, act_order=act_order,
+                                  clip=clip)
     assert codes.dtype == torch.int8 and codes.shape == w.shape and scales.shape == (48, 3)
     assert scales.dtype == torch.bfloat16 and codes.min() >= -8 and codes.max() <= 7
-    rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16)).T) ** 2).mean()
+    rtn = ((x @ (w - quantize_dequantize(w, 4, 32, torch.bfloat16, clip)).T) ** 2).mean()
     gptq = ((x @ (w - dequantize(codes, scales, 32)).T) ** 2).mean()
     assert gptq < 0.8 * rtn
     if act_order:  # static groups: the scales are RTN's, chosen before any column moved
-        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16))
+        assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
 
 
-def test_identity_hessian_gives_rtn():
-    """With no correlation between inputs there is nothing to compensate: GPTQ is round-to-nearest."""
+@pytest.mark.parametrize("clip", list(WeightClip))
+def test_identity_hessian_gives_rtn(clip):
+    """With no correlation between inputs there is nothing to compensate: GPTQ is round-to-nearest,
+    with the same scale choice (amax or the clip search) as RTN."""
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
-    codes, scales = gptq_quantize(w, torch.eye(64, dtype=torch.float64), 4, 32, damp=1e-9)
-    torch.testing.assert_close(dequantize(codes, scales, 32), quantize_dequantize(w, 4, 32), rtol=0, atol=1e-6)
+    codes, scales = gptq_quantize(w, torch.eye(64, dtype=torch.float64), 4, 32, torch.bfloat16, damp=1e-9, clip=clip)
+    assert torch.equal(scales, choose_scales(w, 4, 32, torch.bfloat16, clip))
+    torch.testing.assert_close(dequantize(codes, scales, 32), quantize_dequantize(w, 4, 32, torch.bfloat16, clip),
+                               rtol=0, atol=1e-6)
 
 
 def test_dead_columns_are_zero():
@@ -67,3 +75,22 @@ def test_layer_by_layer_error_is_at_most_rtn():
         assert torch.equal(layer.get_submodule(name).weight, dequantize(c, s, 32))  # weights replaced
         err = lambda q: torch.trace((w - q) @ h @ (w - q).T)  # noqa: E731  mean ‖x (W - Q)ᵀ‖²
         assert err(dequantize(c, s, 32)) <= err(quantize_dequantize(w, 4, 32)), name
+
+
+def test_refit_scales_lowers_each_rows_error_and_is_least_squares():
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(5))
+    x = _correlated(512, 96, 6)
+    h = x.double().T @ x.double() / len(x)
+    codes, scales = gptq_quantize(w, h, 4, 32, torch.bfloat16, clip=WeightClip.MSE)
+    refit = refit_scales(w, h, codes, scales, 32)
+    assert refit.dtype == scales.dtype and refit.shape == scales.shape and torch.all(refit > 0)
+
+    def row_error(s):  # [N]: ‖x (w_n - q_n∘s_n)ᵀ‖² per output row
+        return ((x.double() @ (w.double() - dequantize(codes, s, 32, torch.float64)).T) ** 2).sum(0)
+
+    assert torch.all(row_error(refit) <= row_error(scales))
+    assert row_error(refit).sum() < 0.99 * row_error(scales).sum()  # and it does refit something
+    # with H = I the groups decouple: each scale is the least-squares <w, q> / <q, q> of its group
+    eye = refit_scales(w, torch.eye(96, dtype=torch.float64), codes, scales.float(), 32)
+    q, wg = codes.double().reshape(40, 3, 32), w.double().reshape(40, 3, 32)
+    torch.testing.assert_close(eye.double(), (q * wg).sum(-1) / (q * q).sum(-1), rtol=1e-5, atol=1e-7)

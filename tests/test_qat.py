@@ -28,7 +28,7 @@ def test_prepare_qat_swaps_every_quantized_module(tiny):
     assert tiny.lm_head.weight is not tiny.model.embed_tokens.weight  # untied first
 
 
-@pytest.mark.parametrize("scheme", [Scheme(), Scheme(scale_dtype="float32", act_bits=None)])
+@pytest.mark.parametrize("scheme", [Scheme(), Scheme(scale_dtype="float32", act_bits=None), Scheme(weight_clip="mse")])
 def test_fake_quantized_forward_equals_packed_model(tiny, ids, backend, scheme):
     prepare_qat(tiny, scheme)
     with torch.no_grad():

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quantkit import kernels
+from quantkit.algorithms import LearnTarget
 from quantkit.algorithms import gptq as gptq_module
 from quantkit.algorithms.hadamard import hadamard_transform
 from quantkit.checkpoint import load_checkpoint
@@ -20,6 +21,7 @@ from quantkit.model import tiny_llama, tiny_tokenizer
 from quantkit.modules import InputTransform, Int4Linear
 from quantkit.pipelines.spinquant import run_spinquant
 from quantkit.primitives import choose_scales, quantize
+from quantkit.scheme import WeightClip
 
 SMALL = dict(rotation_steps=2, rotation_samples=2, gptq_samples=3, seq_len=32)
 
@@ -38,6 +40,7 @@ def test_cli_end_to_end_checkpoint_round_trip(tiny_dir, tmp_path, data_dir, ids)
     assert meta["pipeline"] == "spinquant" and meta["method"] == "gptq"
     assert meta["input_transforms"] == {f"model.layers.{i}.mlp.down_proj": "hadamard" for i in range(2)}
     assert len(meta["config"]["result"]["rotation_losses"]) == 2
+    assert meta["scheme"]["weight_clip"] == "mse" and meta["config"]["refit_scales"] is True  # spinquant defaults
     down = loaded.model.model.layers[0].mlp.down_proj
     assert isinstance(down, Int4Linear) and down.input_transform is InputTransform.HADAMARD
     saved = load_file(str(out / "model.safetensors"))
@@ -134,3 +137,20 @@ def test_unsupported_sizes(tmp_path, data_dir):
     out = run_spinquant(_config(bad_inter, tmp_path / "o2", data_dir, method="rtn", rotation_mode="random"))
     meta = json.loads((out / "quantkit.json").read_text())
     assert "intermediate size 50" in meta["config"]["result"]["r4"] and "input_transforms" not in meta
+
+
+def test_cli_presets_and_explicit_options_reach_the_config(monkeypatch, tmp_path):
+    import quantkit.pipelines.spinquant as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_spinquant", lambda config: seen.append(config) or config.output)
+    for extra in ([], ["--learn-against", "activations", "--no-refit-scales", "--weight-clip", "amax"],
+                  ["--preset", "meta"]):
+        result = CliRunner().invoke(main, ["spinquant", "--output", str(tmp_path / "o"), "--preset", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+    cpu, overridden, meta = seen
+    assert (cpu.learn_against, cpu.refit_scales, cpu.scheme.weight_clip, cpu.rotation_steps) == \
+        (LearnTarget.WEIGHTS_AND_ACTIVATIONS, True, WeightClip.MSE, 24)
+    assert (overridden.learn_against, overridden.refit_scales, overridden.scheme.weight_clip) == \
+        (LearnTarget.ACTIVATIONS, False, WeightClip.AMAX)
+    assert (meta.learn_against, meta.rotation_steps, meta.gptq_samples) == (LearnTarget.ACTIVATIONS, 100, 128)

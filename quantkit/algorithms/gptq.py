@@ -12,7 +12,11 @@ scales fit the packed format and every kernel unchanged.
 * **Scales**: without act-order a group's scale is chosen when GPTQ reaches its first column,
   from the weights as updated so far. With **act-order** (columns in decreasing ``H_jj``) the
   scales are *static*: chosen from the original weights before any column moves, so groups stay
-  the contiguous 32-column blocks of the format and the kernel does not change.
+  the contiguous 32-column blocks of the format and the kernel does not change. Either way the
+  scale is amax or the primitives' clip search (``clip``).
+* **Scale refit** (``refit``): with the codes fixed, the objective is quadratic in the scales, so
+  each output row's G scales are re-solved by least squares (a G×G system per row); a row keeps
+  its scales unless the refit, rounded to the stored dtype, lowers its error.
 * :func:`gptq_layer` runs one decoder layer **true-sequentially**: q/k/v from the layer's inputs,
   then o_proj from inputs computed with q/k/v already quantized, then gate/up, then down — each
   group's Hessian comes from a forward pass that stops right after the group, and the layer's
@@ -24,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.primitives import choose_scales, dequantize, quantize
+from quantkit.primitives import MIN_SCALE, choose_scales, dequantize, quantize
+from quantkit.scheme import WeightClip
 
 #: the linears of a Llama block in true-sequential groups (those in a group share one input)
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -33,8 +38,13 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   scale_dtype: torch.dtype = torch.float32, damp: float = 0.01, act_order: bool = False,
-                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[N, K]`` (int8) and scales ``[N, K/group_size]`` for ``weight [N, K]`` given ``hessian [K, K]``."""
+                  block_size: int = 128, clip: WeightClip = WeightClip.AMAX,
+                  refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[N, K]`` (int8) and scales ``[N, K/group_size]`` for ``weight [N, K]`` given ``hessian [K, K]``.
+
+    ``refit``: once the codes are fixed, re-solve each row's scales by least squares on the
+    (damped) Hessian (:func:`refit_scales`).
+    """
     w = weight.detach().double().clone()  # [N, K], updated in place as errors are spread
     h = hessian.detach().double().clone()
     n, k = w.shape
@@ -43,11 +53,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     w[:, dead] = 0.0
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
-    # static scales (act-order) come from the original weights, group by original column
-    scales = choose_scales(w, bits, group_size, scale_dtype) if act_order else \
-        torch.zeros(n, k // group_size, dtype=scale_dtype)
+    target, h_damped = w.clone(), h.clone()  # [N, K], [K, K] in the original column order
     w, h = w[:, perm], h[perm][:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [K, K]
+    # static scales (act-order) come from the original weights, group by original column
+    scales = choose_scales(target, bits, group_size, scale_dtype, clip) if act_order else \
+        torch.zeros(n, k // group_size, dtype=scale_dtype)
     codes = torch.zeros(n, k, dtype=torch.int8)
     block = max(group_size, block_size // group_size * group_size)  # whole groups per block (lazy scales)
     for start in range(0, k, block):
@@ -57,7 +68,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             col = int(perm[i])
             g = col // group_size
             if not act_order and col % group_size == 0:  # without act-order perm is the identity
-                scales[:, g] = choose_scales(w[:, i : i + group_size], bits, None, scale_dtype)[:, 0]
+                scales[:, g] = choose_scales(w[:, i : i + group_size], bits, None, scale_dtype, clip)[:, 0]
             s = scales[:, g : g + 1]  # [N, 1]
             q = quantize(w[:, i : i + 1], s, bits, group_size=1)  # [N, 1] int8
             codes[:, col] = q[:, 0]
@@ -65,7 +76,44 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             w[:, i + 1 : end] -= err[:, None] * u[i, i + 1 : end][None, :]
             err_block[:, i - start] = err
         w[:, end:] -= err_block @ u[start:end, end:]
+    if refit:
+        scales = refit_scales(target, h_damped, codes, scales, group_size)
     return codes, scales
+
+
+def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 group_size: int, chunk: int = 64) -> torch.Tensor:
+    """Least-squares scales for fixed ``codes [N, K]``: per row, ``min_s (w - q∘s) H (w - q∘s)ᵀ``.
+
+    Per output row ``n`` the G = K / group_size scales solve ``A s = c`` with
+    ``A[a, b] = Σ q[a, i] H[a i, b j] q[b, j]`` and ``c[a] = Σ q[a, i] (w H)[a i]``. A row keeps its
+    scales unless the refit (after rounding to the stored dtype) lowers its error.
+    """
+    n, k = weight.shape
+    groups = k // group_size
+    w, h = weight.double(), hessian.double()
+    hg = h.reshape(k, groups, group_size).permute(1, 0, 2)  # [G, K, gs]: H's columns by group
+    q = codes.double().reshape(n, groups, group_size)  # [N, G, gs]
+    c = (q * (w @ h).reshape(n, groups, group_size)).sum(-1)  # [N, G]
+    out = scales.clone()
+    for start in range(0, n, chunk):
+        qc = q[start : start + chunk]
+        hq = torch.bmm(hg, qc.permute(1, 2, 0)).permute(2, 1, 0)  # [c, K, G]: H M_n, M_n = codes by group
+        a = (qc[..., None] * hq.reshape(len(qc), groups, group_size, groups)).sum(2)  # [c, G, G]
+        cc = c[start : start + chunk]
+        s0 = scales[start : start + chunk].double()
+        ridge = 1e-6 * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[:, None, None]  # empty groups
+        eye = torch.eye(groups, dtype=torch.float64)
+        s = torch.linalg.solve(a + ridge * eye, (cc + ridge[:, :, 0] * s0)[..., None])[..., 0]
+        s = s.clamp(min=MIN_SCALE).to(scales.dtype)
+
+        def obj(x: torch.Tensor) -> torch.Tensor:  # [c]: the row's error up to the constant w H wᵀ
+            x = x.double()
+            return (x[:, None, :] @ a @ x[:, :, None])[:, 0, 0] - 2 * (cc * x).sum(-1)
+
+        better = obj(s) < obj(s0)
+        out[start : start + chunk] = torch.where(better[:, None], s, scales[start : start + chunk])
+    return out
 
 
 class HessianHook:
@@ -90,6 +138,7 @@ class _Stop(Exception):
 
 def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits: int, group_size: int,
                scale_dtype: torch.dtype, damp: float = 0.01, act_order: bool = False,
+               clip: WeightClip = WeightClip.AMAX, refit: bool = False,
                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """GPTQ every linear of one decoder ``layer`` on its ``inputs [n, L, D]`` (one sample per forward).
 
@@ -114,7 +163,8 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
             hook.handle.remove()
         # one GPTQ pass over the group's weights stacked by output rows: [sum N, K]
         stacked = torch.cat([mod.weight.detach().float() for mod in mods])
-        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order)
+        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order,
+                                      clip=clip, refit=refit)
         rows = [mod.out_features for mod in mods]
         for name, mod, c, s in zip(group, mods, codes.split(rows), scales.split(rows), strict=True):
             with torch.no_grad():

@@ -281,7 +281,7 @@ def _rotated_activation_quantizers(model: nn.Module, r1: torch.Tensor, r2: torch
 
 
 def _fake_quantized_weights(model: nn.Module, rot: Rotations, scheme: Scheme) -> dict[str, torch.Tensor]:
-    """The rotated model's weights through the scheme's weight quantizers (straight-through)."""
+    """The rotated model's weights through the scheme's weight quantizers (straight-through, amax scales)."""
     weights = rotated_weights(model, rot, torch.float32)
     emb = f"{_param_owner(model, model.get_input_embeddings())}.weight"
     head = f"{_param_owner(model, model.get_output_embeddings())}.weight"
@@ -292,6 +292,8 @@ def _fake_quantized_weights(model: nn.Module, rot: Rotations, scheme: Scheme) ->
         elif name == head and scheme.head_bits is not None:
             weights[name] = fake_quantize(w, scheme.head_bits, None, sd)
         elif name.endswith(".weight") and name not in (emb, head) and w.shape[-1] % scheme.group_size == 0:
+            # amax scales even when the scheme searches them: the search costs ~40 round trips of every
+            # weight per step; the amax grid is the cheap proxy the rotations learn against
             weights[name] = fake_quantize(w, scheme.linear_bits, scheme.group_size, sd)
     return weights
 

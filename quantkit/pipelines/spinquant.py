@@ -166,7 +166,8 @@ def _gptq(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor,
                               for k in saved if k.endswith(".codes")})
                 continue
             result, inputs = gptq_layer(layer, inputs, layer_kwargs, scheme.linear_bits, scheme.group_size,
-                                        scheme.scale_dtype.torch, config.damp, config.act_order)
+                                        scheme.scale_dtype.torch, config.damp, config.act_order,
+                                        scheme.weight_clip, config.refit_scales)
             tensors = {f"{k}.{part}": t for k, (q, s) in result.items() for part, t in (("codes", q), ("scales", s))}
             _atomic_save(lambda tmp, t=tensors: save_file(t, str(tmp)), layer_file)
             _atomic_save(lambda tmp: save_file({"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)},

@@ -21,7 +21,7 @@ from torch import nn
 
 from quantkit.modules import Kind, Plan, plan_for, quantize_, untie_embeddings
 from quantkit.primitives import fake_quantize
-from quantkit.scheme import Scheme
+from quantkit.scheme import Scheme, WeightClip
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +31,17 @@ class QATLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int,
                  group_size: int | None, act_bits: int | None, scale_dtype: torch.dtype,
-                 device=None, dtype=None):
+                 weight_clip: WeightClip = WeightClip.AMAX, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_bits, self.group_size, self.act_bits = weight_bits, group_size, act_bits
-        self.scale_dtype = scale_dtype
+        self.scale_dtype, self.weight_clip = scale_dtype, weight_clip
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_bits: int, group_size: int | None, act_bits: int | None,
-                    scale_dtype: torch.dtype) -> QATLinear:
+                    scale_dtype: torch.dtype, weight_clip: WeightClip = WeightClip.AMAX) -> QATLinear:
         """Wrap ``linear``'s own parameters (shared, not copied)."""
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, group_size,
-                  act_bits, scale_dtype, device="meta")  # no allocation: the parameters are reassigned
+                  act_bits, scale_dtype, weight_clip, device="meta")  # no allocation: the parameters are reassigned
         mod.weight = linear.weight
         mod.bias = linear.bias
         return mod
@@ -49,7 +49,8 @@ class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xq = xf if self.act_bits is None else fake_quantize(xf, self.act_bits, None)  # [..., K] per token
-        wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype)  # [N, K]
+        wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype,
+                           self.weight_clip)  # [N, K]
         out = nn.functional.linear(xq, wq)
         if self.bias is not None:
             out = out + self.bias.float()
@@ -98,7 +99,8 @@ def prepare_qat(model: nn.Module, scheme: Scheme) -> Plan:
     for name, kind in plan.modules.items():
         mod = model.get_submodule(name)
         if kind is Kind.INT4_LINEAR:
-            new = QATLinear.from_linear(mod, scheme.linear_bits, scheme.group_size, scheme.act_bits, sd)
+            new = QATLinear.from_linear(mod, scheme.linear_bits, scheme.group_size, scheme.act_bits, sd,
+                                        scheme.weight_clip)
         elif kind is Kind.INT8_LINEAR:
             new = QATLinear.from_linear(mod, scheme.head_bits, None, scheme.act_bits, sd)
         else:
