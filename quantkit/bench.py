@@ -65,16 +65,31 @@ def _median_time(fn: Callable[[], object], min_reps: int, max_reps: int, budget_
 
 
 def measure_bandwidth(nbytes: int, reps: int = 5) -> float:
-    """DRAM read bandwidth in GB/s: best of ``reps`` sums over an ``nbytes`` float32 buffer."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    buf.sum()
+    """DRAM read bandwidth in GB/s: the best of ``reps`` streaming reads of an ``nbytes`` buffer.
+
+    With the fast kernel built, the read is its ``read_bandwidth_probe`` (threads stream their
+    share with plain vector loads, as the kernels stream weights, so a kernel cannot beat it);
+    otherwise a torch ``sum`` over float32, which on this machine reads 20-30% slower than the
+    memory can deliver and so understates the bandwidth.
+    """
+    read = _bandwidth_reader()
+    buf = torch.ones(nbytes // 128 * 128, dtype=torch.uint8)
+    read(buf)
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
-        buf.sum()
+        read(buf)
         best = min(best, time.perf_counter() - t0)
     del buf
-    return nbytes / best / 1e9
+    return nbytes // 128 * 128 / best / 1e9
+
+
+def _bandwidth_reader():
+    from quantkit.kernels import cpu
+
+    if cpu.unavailable_reason() is None:
+        return torch.ops.quantkit.read_bandwidth_probe
+    return lambda buf: buf.view(torch.float32).sum()
 
 
 def machine_info() -> dict:
@@ -242,6 +257,12 @@ def bench_kernel(
                 del impls
 
         result["decode"] = _decode_case(threads, decode_layers, gen, reps)
+        for t in threads:  # again, next to the decode case: this machine's bandwidth drifts by 20-30%
+            torch.set_num_threads(t)
+            result["bandwidth_gbps"][str(t)] = max(result["bandwidth_gbps"][str(t)],
+                                                   measure_bandwidth(bw_bytes, reps=3 if quick else 5))
+        for row in rows:  # shares against the final (best) reading
+            row["bw_share"] = {i: g / result["bandwidth_gbps"][str(row["threads"])] for i, g in row["gbps"].items()}
         if quick:
             notes.append(f"quick: {models[0]}, M={ms[0]}, 3 shapes, {decode_layers}-layer decode")
     finally:

@@ -295,3 +295,20 @@ def test_custom_op_fake_impl_and_torch_compile():
         pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}")
     torch.testing.assert_close(got, fn(x))
     assert got.shape == (2, 3, n)
+
+
+@needs_fast
+def test_read_bandwidth_probe_reads_every_byte():
+    # the probe's checksum is the OR of all bytes: a byte it skipped would be missing from it
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for pos, value in ((0, 0x01), (1_000_003, 0x5A), ((1 << 21) - 1, 0x80)):
+                buf = torch.zeros(1 << 21, dtype=torch.uint8)
+                buf[pos] = value
+                assert torch.ops.quantkit.read_bandwidth_probe(buf) == value
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        torch.ops.quantkit.read_bandwidth_probe(torch.zeros(100, dtype=torch.uint8))

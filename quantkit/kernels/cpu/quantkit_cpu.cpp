@@ -559,6 +559,22 @@ static void hadamard_row(float* y, const float* base, int64_t m, int64_t p, floa
   for (int64_t i = 0; i < m * p; ++i) y[i] = y[i] / norm;
 }
 
+// Streams [p, p + n) once (n a multiple of 128): four independent 32-byte load chains, OR-folded
+// so that the loads cannot be optimised away. What the kernels do with their weights, minus the math.
+static uint64_t read_stream_256(const uint8_t* p, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 128) {
+    a0 = _mm256_or_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_or_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_or_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_or_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  __m256i a = _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+  return lanes[0] | lanes[1] | lanes[2] | lanes[3];
+}
+
 static void quant_all_256(const Problem& p, int64_t gsize) {
   at::parallel_for(0, p.M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) quant_row_256(p, m, gsize);
@@ -723,6 +739,26 @@ static at::Tensor hadamard_transform(const at::Tensor& x_in, const at::Tensor& b
   return y.to(x_in.scalar_type()).reshape(x_in.sizes());
 }
 
+// DRAM read-bandwidth probe for `quantkit bench kernel`: every thread streams its share of `buf`
+// (uint8, numel a multiple of 128). Returns the OR of all bytes (a checksum nobody can skip).
+static int64_t read_bandwidth_probe(const at::Tensor& buf) {
+  pick_isa(-1);
+  TORCH_CHECK(buf.device().is_cpu() && buf.scalar_type() == at::kByte && buf.is_contiguous() && buf.numel() % 128 == 0,
+              "buf must be a contiguous CPU uint8 tensor whose size is a multiple of 128");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t blocks = buf.numel() / 128;
+  std::vector<uint64_t> partial(std::max<int64_t>(1, at::get_num_threads()), 0);
+  at::parallel_for(0, blocks, 1 << 12, [&](int64_t b, int64_t e) {
+    partial[at::get_thread_num()] |= read_stream_256(p + b * 128, (e - b) * 128);
+  });
+  uint64_t all = 0;
+  for (uint64_t v : partial) all |= v;
+  all |= all >> 32;  // fold the 8 bytes of the lane into one
+  all |= all >> 16;
+  all |= all >> 8;
+  return static_cast<int64_t>(all & 0xff);
+}
+
 // Debug/testing helper: the activation codes and scales exactly as the kernels compute them.
 static std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x_in, int64_t isa_req) {
   const int64_t isa = pick_isa(isa_req);
@@ -759,6 +795,7 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
   m.def("int8_linear_packed(Tensor x, Tensor w, Tensor s, int n, Tensor? bias=None, int isa=-1) -> Tensor");
   m.def("quantize_activations_int8(Tensor x, int isa=-1) -> (Tensor, Tensor)");
   m.def("hadamard_transform(Tensor x, Tensor base) -> Tensor");
+  m.def("read_bandwidth_probe(Tensor buf) -> int");
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
@@ -766,4 +803,5 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("int8_linear_packed", &quantkit_cpu::int8_linear);
   m.impl("quantize_activations_int8", &quantkit_cpu::quantize_activations);
   m.impl("hadamard_transform", &quantkit_cpu::hadamard_transform);
+  m.impl("read_bandwidth_probe", &quantkit_cpu::read_bandwidth_probe);
 }
