@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import Preset, StageLoss
+from quantkit.config import Preset, SpinQuantPreset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -207,7 +207,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               help="Checkpoint directory to write (written atomically). Learned rotations go beside it, "
                    "to OUTPUT.rotations.safetensors.")
 @overwrite_option
-@click.option("--preset", type=click.Choice(["meta", "cpu"]), default="meta", show_default=True,
+@click.option("--preset", type=click.Choice([p.value for p in SpinQuantPreset]), default=SpinQuantPreset.META.value,
+              show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
                    "for SmolLM2 on a 2-core CPU (make demo: 24 steps, 24 + 32 windows of 256 tokens, rotations "
                    "learned against the weights too). Explicit options below override the preset.")
