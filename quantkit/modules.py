@@ -74,8 +74,7 @@ class Int4Linear(nn.Module):
                                     self.act_bits, self.bias, self.kernel_cache)
             if side is None:
                 return y
-            return (y.float() + side.scale * nn.functional.linear(
-                nn.functional.linear(x.float(), side.a.float()), side.b.float())).to(y.dtype)
+            return (y.float() + side.delta(x)).to(y.dtype)  # the adapter sees x, not H x
         return kernels.linear_int4(x, self.qweight, self.scales, self.group_size, self.act_bits,
                                    self.bias, self.kernel_cache, side)
 

@@ -33,6 +33,11 @@ class SidePath(NamedTuple):
     b: torch.Tensor
     scale: float
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * (x @ a.T) @ b.T`` in float32, ``[..., K] -> [..., N]`` (differentiable)."""
+        return self.scale * torch.nn.functional.linear(
+            torch.nn.functional.linear(x.float(), self.a.float()), self.b.float())
+
 
 def linear_int4(
     x: torch.Tensor,
@@ -48,9 +53,8 @@ def linear_int4(
     out = torch.nn.functional.linear(_quantize_activations(x, act_bits), w)
     if bias is not None:
         out = out + bias.float()
-    if side is not None:  # [..., r] then [..., N], in float32 (differentiable: adapters train through it)
-        out = out + side.scale * torch.nn.functional.linear(
-            torch.nn.functional.linear(x.float(), side.a.float()), side.b.float())
+    if side is not None:
+        out = out + side.delta(x)
     return out.to(x.dtype)
 
 
