@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import Preset, SpinQuantPreset, StageLoss
+from quantkit.config import QLORA_WEIGHT_CLIP, Preset, SpinQuantPreset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -47,7 +47,7 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --out
 def scheme_options(f):
     """Options that fill the Scheme; shared by every quantizing command."""
     f = click.option("--weight-clip", type=click.Choice([c.value for c in WeightClip]), default=None,
-                     show_default="amax; spinquant: mse",
+                     show_default="amax; spinquant and qlora --preset cpu: mse",
                      help="How each int4 group's scale is chosen: `amax` (max|w|/7, nothing clips), or a search "
                           "of the clip ratio (1.0 down to 0.6) minimizing the group's rounding error, "
                           "`mse` (sum of squares) or `lp2.4` (sum |err|^2.4, QuaRot's). Used by RTN, GPTQ "
@@ -134,6 +134,11 @@ NO_CALIBRATION = "none"
               help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2 = "
                    "Wikipedia articles, c4), never the WikiText-2 test split; `none` trains on the SFT data. "
                    "The cpu preset uses wikitext2, the full preset none.")
+@click.option("--qat-learn-scales/--no-qat-learn-scales", default=None,
+              help="Learn the int4 group scales in stage 1 (parameters starting from --weight-clip's choice, "
+                   "trained at a tenth of --qat-lr; the checkpoint stores them) instead of recomputing them "
+                   "from the weights at every step as Meta's recipe does. The cpu preset learns them "
+                   "(from mse scales), the full preset does not.")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
@@ -192,8 +197,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     if batch_size is not None:
         overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,
-                                scheme=_scheme(group_size, scale_dtype, weight_clip), overwrite=overwrite,
-                                **overrides)
+                                scheme=_scheme(group_size, scale_dtype, weight_clip,
+                                               default_clip=QLORA_WEIGHT_CLIP[Preset(preset)]),
+                                overwrite=overwrite, **overrides)
     if restart:
         check_output(output, overwrite)  # refuse before discarding anything
         shutil.rmtree(output.with_name(output.name + ".stages"), ignore_errors=True)

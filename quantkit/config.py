@@ -61,6 +61,11 @@ class Preset(str, enum.Enum):
     CPU = "cpu"  # minutes on a 2-core CPU (``make demo``): a smoke-sized version of the recipe
 
 
+#: qlora's int4 group scales before training: the cpu preset learns them from the clip search's choice
+#: (README); the full preset is Meta's recipe, amax scales recomputed at every step
+QLORA_WEIGHT_CLIP = {Preset.FULL: WeightClip.AMAX, Preset.CPU: WeightClip.MSE}
+
+
 @dataclass(frozen=True)
 class QATStageConfig:
     """Stage 1: SFT of every weight through the fake-quantized forward (straight-through gradients)."""
@@ -70,6 +75,9 @@ class QATStageConfig:
     batch_size: int
     loss: StageLoss = StageLoss.CE  # KD / MIXED distill from the frozen float starting model
     calibration: str | None = None  # train on windows of this calibration set instead of the SFT data
+    # int4 group scales as trained parameters (LSQ; from the scheme's weight_clip choice, at a tenth of
+    # the lr) instead of recomputed from the weights at every step (torchao's QAT, Meta's recipe)
+    learn_scales: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))  # strings from JSON / the CLI
@@ -155,14 +163,15 @@ class QLoRAConfig:
             # float model on the calibration text (Wikipedia, never the WikiText-2 test split): on
             # SmolLM2 that recovered more of the PTQ gap than SFT cross-entropy or KD on alpaca
             # (README), at the price of a teacher forward and the head on every token per step.
-            base = cls(output, QATStageConfig(steps=120, lr=1e-4, batch_size=1, loss=StageLoss.KD,
-                                              calibration="wikitext2"),
+            base = cls(output, QATStageConfig(steps=120, lr=3e-4, batch_size=1, loss=StageLoss.KD,
+                                              calibration="wikitext2", learn_scales=True),
                        LoRAStageConfig(steps=30, lr=1e-3, batch_size=1, rank=8, alpha=16.0, loss=StageLoss.KD,
                                        calibration="wikitext2"),
                        # orca-dpo: HH-RLHF harmless pairs stay at chance for a 135M model whatever DPO
                        # does (README); 64 held-out pairs, since 32 move the accuracy in 3-point steps
                        DPOStageConfig(steps=20, lr=1e-5, batch_size=1, beta=0.1, heldout_pairs=64),
-                       seq_len=256, eval_windows=2, eval_seq_len=512, save_every=10, pref_data="orca-dpo")
+                       seq_len=256, eval_windows=2, eval_seq_len=512, save_every=10, pref_data="orca-dpo",
+                       scheme=Scheme(weight_clip=QLORA_WEIGHT_CLIP[Preset.CPU]))
         else:
             base = cls(output, QATStageConfig(steps=2000, lr=2e-5, batch_size=8),
                        LoRAStageConfig(steps=1000, lr=2e-4, batch_size=8, rank=16, alpha=32.0),

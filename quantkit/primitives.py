@@ -125,3 +125,28 @@ def fake_quantize(
     """
     xq = quantize_dequantize(x.detach(), bits, group_size, scale_dtype, clip).to(x.dtype)
     return _StraightThrough.apply(x, xq)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward, identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_learned(
+    x: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fake quantization with trainable ``scales [..., K // group_size]`` (LSQ-style gradients).
+
+    The forward value is ``dequantize(quantize(x, s), s)`` for the *stored* scale
+    ``s = scales.to(scale_dtype)``, in float32, exactly what :func:`quantize` and
+    :func:`dequantize` compute from a checkpoint holding ``s``. Gradients: straight through both
+    roundings (of ``x / s`` and of the scale to its dtype); ``x`` gets the incoming gradient where
+    its code is inside the range and none where it clips, each scale ``sum (q - x / s) · grad``
+    over its group's unclipped values plus ``qmin`` / ``qmax`` times the gradient of clipped ones.
+    """
+    qmin, qmax = qrange(bits)
+    s = scales.float().clamp(min=MIN_SCALE)
+    s = (s + (s.to(scale_dtype).float() - s).detach()).unsqueeze(-1)  # [..., G, 1], the stored value
+    q = _round_ste(_grouped(x.float(), group_size) / s).clamp(qmin, qmax)  # [..., G, gs]
+    return (q * s).reshape(x.shape)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from quantkit.modules import Int4Linear, Int8Embedding, Int8Linear
-from quantkit.primitives import quantize_dequantize
-from quantkit.scheme import Scheme
+from quantkit.primitives import choose_scales, quantize_dequantize
+from quantkit.scheme import Scheme, WeightClip
 from quantkit.training.loops import train
 from quantkit.training.lora import add_lora, lora_parameters
-from quantkit.training.qat import QATEmbedding, QATLinear, convert_qat, prepare_qat
+from quantkit.training.qat import (SCALE_LR_RATIO, QATEmbedding, QATLinear, convert_qat, prepare_qat,
+                                   scale_lr_ratios)
 from quantkit.training.records import Tokenized, collate
 from quantkit.training.sft import sft_loss
 
@@ -28,12 +29,15 @@ def test_prepare_qat_swaps_every_quantized_module(tiny):
     assert tiny.lm_head.weight is not tiny.model.embed_tokens.weight  # untied first
 
 
-@pytest.mark.parametrize("scheme", [Scheme(), Scheme(scale_dtype="float32", act_bits=None), Scheme(weight_clip="mse")])
-def test_fake_quantized_forward_equals_packed_model(tiny, ids, backend, scheme):
-    prepare_qat(tiny, scheme)
+@pytest.mark.parametrize(("scheme", "learn_scales"), [
+    (Scheme(), False), (Scheme(scale_dtype="float32", act_bits=None), False), (Scheme(weight_clip="mse"), False),
+    (Scheme(weight_clip="mse"), True), (Scheme(scale_dtype="float32"), True)])
+def test_fake_quantized_forward_equals_packed_model(tiny, ids, backend, scheme, learn_scales):
+    prepare_qat(tiny, scheme, learn_scales)
     with torch.no_grad():
-        for p in tiny.parameters():  # move off the initial weights, as training would
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype) * 0.01)
+        for name, p in tiny.named_parameters():  # move off the initial weights (and scales), as training would
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype)
+            p.mul_(1 + 0.2 * noise) if name.endswith("weight_scale") else p.add_(noise * 0.01)
         fake = tiny(ids).logits
         convert_qat(tiny, scheme)
         assert isinstance(tiny.model.layers[0].mlp.down_proj, Int4Linear)
@@ -58,6 +62,46 @@ def test_straight_through_gradients():
     torch.testing.assert_close(lin.weight.grad, xq.sum(0).expand(8, 64))  # dL/dW = dL/dwq
     torch.testing.assert_close(x.grad, wq.sum(0).expand(3, 64))  # dL/dx = dL/dxq
     assert lin.weight.grad.abs().sum() > 0
+
+
+def test_learned_scales_start_at_the_scheme_choice_and_get_lsq_gradients():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 3, bias=False)
+    qat = QATLinear.from_linear(lin, 4, 32, None, torch.bfloat16, WeightClip.MSE)
+    qat.learn_scales()
+    start = choose_scales(lin.weight, 4, 32, torch.bfloat16, WeightClip.MSE)  # [3, 2]
+    assert torch.equal(qat.scales(), start) and qat.weight_scale.dtype == torch.float32
+    with torch.no_grad():
+        qat.weight_scale.mul_(0.8)  # some codes now clip
+    x = torch.randn(5, 64)
+    g = torch.randn(5, 3)  # dL/dy
+    (qat(x) * g).sum().backward()
+    # By hand: y = x wq^T, wq = s * clamp(round(w / s), -8, 7) with s the stored (bf16) scale.
+    s = qat.weight_scale.detach().to(torch.bfloat16).float().repeat_interleave(32, dim=1)  # [3, 64]
+    ratio = lin.weight.detach() / s
+    inside = (torch.round(ratio) >= -8) & (torch.round(ratio) <= 7)
+    dwq = g.T @ x  # dL/dwq [3, 64]
+    dscale = torch.where(inside, torch.round(ratio) - ratio, torch.round(ratio).clamp(-8, 7)) * dwq
+    torch.testing.assert_close(qat.weight_scale.grad, dscale.reshape(3, 2, 32).sum(-1))
+    torch.testing.assert_close(lin.weight.grad, torch.where(inside, dwq, torch.zeros_like(dwq)))
+    assert (~inside).any() and inside.any()  # both cases were exercised
+
+
+def test_one_qat_step_with_learned_scales_moves_them_at_a_tenth_of_the_lr(tiny, tmp_path):
+    tiny.float()
+    prepare_qat(tiny, Scheme(), learn_scales=True)
+    params = dict(tiny.named_parameters())
+    ratios = scale_lr_ratios(params)
+    assert len(ratios) == 2 * 7 and set(ratios.values()) == {SCALE_LR_RATIO}
+    scale = tiny.model.layers[0].mlp.up_proj.weight_scale
+    weight = tiny.model.layers[0].mlp.up_proj.weight
+    s0, w0, batch = scale.detach().clone(), weight.detach().clone(), _batch()
+    before = sft_loss(tiny, batch).item()
+    train("qat", params, 1, 1e-3, lambda step: sft_loss(tiny, batch), tmp_path / "p", 10, ratios)
+    assert sft_loss(tiny, batch).item() < before - 0.01
+    # Adam's first step moves every parameter with a gradient by about lr (times its ratio).
+    assert (scale - s0).abs().max().item() == pytest.approx(1e-4, rel=0.05)
+    assert (weight - w0).abs().max().item() == pytest.approx(1e-3, rel=0.05)
 
 
 def test_embedding_gradient_reaches_only_used_rows():

@@ -40,7 +40,7 @@ from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
 from quantkit.training.lora import add_lora, check_rank, lora_metadata, merge_lora_
-from quantkit.training.qat import convert_qat, prepare_qat
+from quantkit.training.qat import convert_qat, prepare_qat, scale_lr_ratios
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
 from quantkit.training.sft import stage_loss
 
@@ -62,7 +62,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
     # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
-    prepare_qat(model, config.scheme)  # (1) QAT: fake-quantized forward, every weight trained
+    prepare_qat(model, config.scheme, config.qat.learn_scales)  # (1) QAT: fake-quantized forward, all trained
     # Before any training the fake-quantized model is vanilla PTQ (round-to-nearest), exactly.
     report["perplexity_ptq"] = _cached_perplexity(work / "ppl-ptq.json", model, data, config, "ppl vanilla PTQ")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
@@ -200,7 +200,7 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
         return stage_loss(model, collate([example(i) for i in rows], data.pad_id), stage.loss, teacher)
 
     model.train()
-    losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every)
+    losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every, scale_lr_ratios(params))
     return {"loss": losses, "perplexity": _perplexity(model, data, config, f"ppl after {name}")}
 
 
@@ -217,7 +217,8 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
         return dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
 
     model.train()
-    losses = train("dpo", dict(model.named_parameters()), cfg.steps, cfg.lr, loss, progress, config.save_every)
+    params = dict(model.named_parameters())
+    losses = train("dpo", params, cfg.steps, cfg.lr, loss, progress, config.save_every, scale_lr_ratios(params))
     model.eval()
     pc, pr = reference_logps(model, data.heldout, data.pad_id, cfg.batch_size)  # the trained policy now
     after = preference_metrics(pc, pr, ref["heldout_chosen"], ref["heldout_rejected"], cfg.beta)

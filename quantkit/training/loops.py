@@ -52,13 +52,21 @@ def lr_factor(step: int, steps: int) -> float:
 
 
 def train(name: str, params: dict[str, nn.Parameter], steps: int, lr: float,
-          loss_fn: Callable[[int], torch.Tensor], progress_dir: Path, save_every: int) -> list[float]:
+          loss_fn: Callable[[int], torch.Tensor], progress_dir: Path, save_every: int,
+          lr_ratios: dict[str, float] | None = None) -> list[float]:
     """Run AdamW on ``params`` for ``steps`` steps of ``loss_fn(step)``; returns the loss per step.
 
-    Resumes from ``progress_dir`` when a step checkpoint is there. A non-finite loss stops the
-    stage before the update (nothing NaN is ever saved) with a QuantkitError.
+    ``lr_ratios`` gives some parameters (by name) a multiple of ``lr`` (learned quantization
+    scales train slower than weights). Resumes from ``progress_dir`` when a step checkpoint is
+    there. A non-finite loss stops the stage before the update (nothing NaN is ever saved) with
+    a QuantkitError.
     """
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    ratios = lr_ratios or {}
+    by_ratio: dict[float, list[nn.Parameter]] = {}
+    for key, p in params.items():  # one AdamW group per ratio, in the order params lists them
+        by_ratio.setdefault(ratios.get(key, 1.0), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "ratio": r} for r, ps in by_ratio.items()], lr=lr,
+                                  weight_decay=0.0)
     start, losses = _load_progress(progress_dir, params, optimizer)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -66,7 +74,7 @@ def train(name: str, params: dict[str, nn.Parameter], steps: int, lr: float,
         task = bar.add_task(name, total=steps, completed=start, loss=f"{losses[-1]:.4f}" if losses else "-")
         for step in range(start, steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(step, steps)
+                group["lr"] = lr * group["ratio"] * lr_factor(step, steps)
             loss = loss_fn(step)
             if not torch.isfinite(loss):
                 raise QuantkitError(

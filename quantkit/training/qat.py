@@ -7,6 +7,12 @@ token in float32, weights fake-quantized with the scheme's bits, group size and 
 product in float32, cast back to the input's dtype. Gradients pass straight through both
 roundings (:func:`quantkit.primitives.fake_quantize`).
 
+The int4 group scales are either recomputed from the weight at every forward (the scheme's
+``weight_clip``, as RTN chooses them) or **learned** (``learn_scales``): a ``weight_scale``
+parameter ``[N, K / group_size]``, initialised to the scheme's choice and trained beside the
+weights with LSQ gradients (:func:`quantkit.primitives.fake_quantize_learned`); the checkpoint
+then stores those scales, so the packed model still computes exactly what QAT trained.
+
 Because they *are* ``nn.Linear`` / ``nn.Embedding``, ``quantkit.modules.quantize_`` converts a
 QAT model with plain RTN of the trained weights, which is exactly the grid the forward used:
 after ``convert_qat`` the packed model computes what the QAT model computed.
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from quantkit.modules import Kind, Plan, plan_for, quantize_, untie_embeddings
-from quantkit.primitives import fake_quantize
+from quantkit.primitives import MIN_SCALE, choose_scales, fake_quantize, fake_quantize_learned, quantize
 from quantkit.scheme import Scheme, WeightClip
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class QATLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_bits, self.group_size, self.act_bits = weight_bits, group_size, act_bits
         self.scale_dtype, self.weight_clip = scale_dtype, weight_clip
+        self.register_parameter("weight_scale", None)  # learn_scales() makes the group scales a parameter
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_bits: int, group_size: int | None, act_bits: int | None,
@@ -46,11 +53,28 @@ class QATLinear(nn.Linear):
         mod.bias = linear.bias
         return mod
 
+    def learn_scales(self) -> None:
+        """Make the group scales a trainable float32 parameter, starting from the scheme's choice."""
+        scales = choose_scales(self.weight.detach(), self.weight_bits, self.group_size, self.scale_dtype,
+                               self.weight_clip)  # [N, K / group_size]
+        self.weight_scale = nn.Parameter(scales.float())
+
+    def scales(self) -> torch.Tensor:
+        """The scales the forward uses now, in the scheme's scale dtype (what a checkpoint stores)."""
+        if self.weight_scale is not None:
+            return self.weight_scale.detach().clamp(min=MIN_SCALE).to(self.scale_dtype)
+        return choose_scales(self.weight.detach(), self.weight_bits, self.group_size, self.scale_dtype,
+                             self.weight_clip)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xq = xf if self.act_bits is None else fake_quantize(xf, self.act_bits, None)  # [..., K] per token
-        wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype,
-                           self.weight_clip)  # [N, K]
+        if self.weight_scale is None:
+            wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype,
+                               self.weight_clip)  # [N, K]
+        else:
+            wq = fake_quantize_learned(self.weight, self.weight_scale, self.weight_bits, self.group_size,
+                                       self.scale_dtype)  # [N, K]
         out = nn.functional.linear(xq, wq)
         if self.bias is not None:
             out = out + self.bias.float()
@@ -84,11 +108,12 @@ class QATEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, bits={self.bits}"
 
 
-def prepare_qat(model: nn.Module, scheme: Scheme) -> Plan:
+def prepare_qat(model: nn.Module, scheme: Scheme, learn_scales: bool = False) -> Plan:
     """Swap every module the scheme quantizes for its fake-quantized twin, in place; returns the plan.
 
-    Block linears: int4 per group with int8 per-token activations; head: int8 per channel with
-    int8 activations; embedding: int8 per row. What the scheme leaves float stays ``nn.Linear``.
+    Block linears: int4 per group with int8 per-token activations (``learn_scales``: their group
+    scales become parameters); head: int8 per channel with int8 activations; embedding: int8 per
+    row. What the scheme leaves float stays ``nn.Linear``.
     """
     if scheme.untie_embeddings:
         untie_embeddings(model)
@@ -101,6 +126,8 @@ def prepare_qat(model: nn.Module, scheme: Scheme) -> Plan:
         if kind is Kind.INT4_LINEAR:
             new = QATLinear.from_linear(mod, scheme.linear_bits, scheme.group_size, scheme.act_bits, sd,
                                         scheme.weight_clip)
+            if learn_scales:
+                new.learn_scales()
         elif kind is Kind.INT8_LINEAR:
             new = QATLinear.from_linear(mod, scheme.head_bits, None, scheme.act_bits, sd)
         else:
@@ -109,8 +136,20 @@ def prepare_qat(model: nn.Module, scheme: Scheme) -> Plan:
     return plan
 
 
+#: learning rate of learned scales relative to the weights' (a scale moves every weight of its group)
+SCALE_LR_RATIO = 0.1
+
+
+def scale_lr_ratios(params: dict[str, nn.Parameter]) -> dict[str, float]:
+    """``loops.train``'s ``lr_ratios`` for the learned scales among ``params`` (by name)."""
+    return {name: SCALE_LR_RATIO for name in params if name.endswith(".weight_scale")}
+
+
 def convert_qat(model: nn.Module, scheme: Scheme) -> Plan:
-    """Replace the QAT modules by packed ones (RTN of the trained weights = the grid QAT trained on).
+    """Replace the QAT modules by packed ones: the trained weights on the grid QAT trained on.
+
+    Each int4 linear is rounded with the scales its forward used (recomputed, or learned), so
+    the packed model computes what the QAT model computed.
 
     LoRA wrappers stay in place around their (now packed) base linear; the plan names the base
     linears by their model names, as in every other checkpoint.
@@ -120,7 +159,13 @@ def convert_qat(model: nn.Module, scheme: Scheme) -> Plan:
     wrappers = {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
     for name, wrapper in wrappers.items():  # unwrap: quantize_ sees the model's own linears
         _set_submodule(model, name, wrapper.base)
-    plan = quantize_(model, scheme)
+    scales = {name: mod.scales() for name, mod in model.named_modules()
+              if isinstance(mod, QATLinear) and mod.group_size is not None}
+
+    def codes(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize(weight, scales[name], scheme.linear_bits, scheme.group_size), scales[name]
+
+    plan = quantize_(model, scheme, codes)
     for name, wrapper in wrappers.items():  # rewrap around the packed linear
         wrapper.base = model.get_submodule(name)
         _set_submodule(model, name, wrapper)
