@@ -63,7 +63,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
     prepare_qat(model, config.scheme, config.qat.learn_scales)  # (1) QAT: fake-quantized forward, all trained
-    # Before any training the fake-quantized model is vanilla PTQ (round-to-nearest), exactly.
+    # Before any training the fake-quantized model is RTN with the scheme's scales (vanilla PTQ with amax), exactly.
     report["perplexity_ptq"] = _cached_perplexity(work / "ppl-ptq.json", model, data, config, "ppl vanilla PTQ")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
         "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher))
