@@ -14,8 +14,9 @@ weights with LSQ gradients (:func:`quantkit.primitives.fake_quantize_learned`); 
 then stores those scales, so the packed model still computes exactly what QAT trained.
 
 Because they *are* ``nn.Linear`` / ``nn.Embedding``, ``quantkit.modules.quantize_`` converts a
-QAT model with plain RTN of the trained weights, which is exactly the grid the forward used:
-after ``convert_qat`` the packed model computes what the QAT model computed.
+QAT model (``convert_qat``), rounding each int4 linear's trained weights with the scales its
+forward used, which is exactly the grid it trained on: the packed model then computes what the
+QAT model computed.
 """
 
 from __future__ import annotations
