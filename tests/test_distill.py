@@ -13,7 +13,7 @@ from quantkit.cli import main
 from quantkit.config import Preset, QLoRAConfig
 from quantkit.errors import QuantkitError
 from quantkit.pipelines.qlora import REPORT_FILE
-from quantkit.scheme import Scheme
+from quantkit.scheme import Scheme, WeightClip
 from quantkit.training.loops import train
 from quantkit.training.qat import prepare_qat
 from quantkit.training.records import Tokenized, collate
@@ -122,3 +122,5 @@ def test_unknown_calibration_set_and_loss_are_refused(tmp_path):
     assert cpu.qat.loss is cpu.lora.loss is StageLoss.KD and cpu.qat.calibration == cpu.lora.calibration == "wikitext2"
     assert full.qat.loss is full.lora.loss is StageLoss.CE and full.qat.calibration is full.lora.calibration is None
     assert cpu.pref_data == "orca-dpo" and cpu.dpo.heldout_pairs == 64 and full.pref_data == "hh-rlhf-harmless"
+    assert cpu.qat.learn_scales and cpu.scheme.weight_clip is WeightClip.MSE  # learned, from the clip search
+    assert not full.qat.learn_scales and full.scheme.weight_clip is WeightClip.AMAX  # Meta's recipe

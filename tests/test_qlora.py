@@ -45,6 +45,8 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     assert meta["pipeline"] == "qlora" and meta["method"] == "qat"
     assert meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8 and meta["lora"]["dtype"] == "bfloat16"
     assert meta["config"]["dpo"]["beta"] == 0.2
+    # the cpu preset learns the int4 scales from the mse clip search; the checkpoint records both
+    assert meta["config"]["qat"]["learn_scales"] and meta["scheme"]["weight_clip"] == "mse"
     q = loaded.model.model.layers[1].mlp.down_proj
     assert isinstance(q, LoRALinear) and type(q.base).__name__ == "Int4Linear"
     with torch.inference_mode():
