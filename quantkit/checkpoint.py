@@ -24,7 +24,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,6 +51,16 @@ def check_output(target: Path, overwrite: bool) -> None:
     """Refuse to replace an existing path unless asked to (pipelines call this before any work)."""
     if Path(target).exists() and not overwrite:
         raise QuantkitError(f"{target} already exists; choose another --output or pass --overwrite")
+
+
+def atomic_file(write: Callable[[Path], None], path: Path) -> None:
+    """``write(tmp)`` a file next to ``path``, then rename it into place: ``path`` is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import QLORA_WEIGHT_CLIP, Preset, SpinQuantPreset, StageLoss
+from quantkit.config import QLORA_WEIGHT_CLIP, Preset, QATInit, SpinQuantPreset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -139,6 +139,18 @@ NO_CALIBRATION = "none"
                    "trained at a tenth of --qat-lr; the checkpoint stores them) instead of recomputing them "
                    "from the weights at every step as Meta's recipe does. The cpu preset learns them "
                    "(from mse scales), the full preset does not.")
+@click.option("--qat-rotate/--no-qat-rotate", default=None,
+              help="Before stage 1, fold seeded random Hadamard rotations into the float weights (SpinQuant's "
+                   "R1 on the residual stream and R2 per head, without the online R4): the same float model "
+                   "with fewer activation outliers, so the int8 activations cost less. Nothing changes at run "
+                   "time. The cpu preset rotates, the full preset (Meta's recipe) does not.")
+@click.option("--qat-init", type=click.Choice([k.value for k in QATInit]), default=None,
+              help="The int4 model stage 1 starts from: `rtn` (round to nearest with --weight-clip's scales, "
+                   "i.e. vanilla PTQ; Meta's recipe) or `gptq` (GPTQ on --qat-init-samples calibration windows; "
+                   "learned scales start from GPTQ's). The cpu preset uses gptq, the full preset rtn.")
+@click.option("--qat-init-samples", type=int, default=None,
+              help="Calibration windows of --seq-len tokens for --qat-init gptq (from --qat-calibration's set, "
+                   "wikitext2 when stage 1 trains on the SFT data). Default 32.")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
@@ -180,7 +192,7 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     """QAT, then LoRA on the frozen QAT backbone, then DPO: packed int4 checkpoint + bf16 LoRA adapters.
 
     Writes a qlora_report.json into the checkpoint: loss per step of each stage, WikiText-2
-    perplexity (float, vanilla PTQ, after each stage) and held-out preference accuracy and
+    perplexity (float, the int4 model QAT starts from, after each stage) and held-out preference accuracy and
     margin before and after DPO.
     """
     import shutil

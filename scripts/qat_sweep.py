@@ -3,12 +3,14 @@
 Trains every weight (and, with ``--learn-scales``, the int4 group scales) of the default model
 by distillation from its float copy on windows of the ``wikitext2`` calibration set, with the
 package's own pieces (``prepare_qat``, ``stage_loss``, ``train``), then scores the fake-quantized
-float32 model on the first WikiText-2 test windows. Two variants the CLI does not offer:
-``--gptq-init N`` starts from GPTQ's codes and scales (N calibration windows) instead of RTN, and
-``--hidden-weight W`` adds W times the mean, over layers, of each layer output's squared error
-relative to the teacher's mean square. Writes a JSON line to stdout (and ``--json FILE``).
+float32 model on the first WikiText-2 test windows. ``--rotate`` (the CLI's ``--qat-rotate``)
+folds random Hadamard R1/R2 into the float weights first; ``--gptq-init N`` (the CLI's ``--qat-init
+gptq``, on windows of another seed) starts from GPTQ's codes and scales on N calibration windows
+instead of RTN. A variant the CLI does not offer: ``--hidden-weight W`` adds W times the mean,
+over layers, of each layer output's squared error relative to the teacher's mean square. Writes
+a JSON line to stdout (and ``--json FILE``).
 
-    python scripts/qat_sweep.py --lr 3e-4 --learn-scales --weight-clip mse
+    python scripts/qat_sweep.py --lr 5e-5 --learn-scales --weight-clip mse --rotate --gptq-init 32
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from quantkit.algorithms.gptq import capture_layer_inputs, gptq_layer
+from quantkit.algorithms.gptq import gptq_model_
+from quantkit.algorithms.rotation import hadamard_rotate_
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.evaluate import perplexity
 from quantkit.model import load_model
@@ -41,6 +44,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warm-up, cosine)")
     p.add_argument("--learn-scales", action="store_true", help="learned int4 group scales (a tenth of --lr)")
     p.add_argument("--weight-clip", choices=[c.value for c in WeightClip], default="amax")
+    p.add_argument("--rotate", action="store_true", help="fold random Hadamard R1/R2 into the weights first")
     p.add_argument("--gptq-init", type=int, default=0, metavar="N", help="start from GPTQ on N windows")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the per-layer hidden-state loss")
     p.add_argument("--int8-block-weights", action="store_true",
@@ -56,17 +60,18 @@ def main() -> None:
     model, tok = loaded.model.float(), loaded.tokenizer
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     scheme = Scheme(weight_clip=WeightClip(a.weight_clip))
-    gptq_scales = _gptq(model, tok, scheme, a.gptq_init, a.seq_len) if a.gptq_init else {}  # weights now on GPTQ's grid
-    prepare_qat(model, scheme, a.learn_scales)
+    if a.rotate:
+        hadamard_rotate_(model, seed=0)
+    gptq_scales = None
+    if a.gptq_init:  # weights now on GPTQ's grid; learned scales start from GPTQ's
+        ids = calibration_tokens(tok, "wikitext2", a.gptq_init, a.seq_len, 1, None)
+        gptq_scales = gptq_model_(model, ids, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
+                                  scheme.weight_clip)
+    prepare_qat(model, scheme, a.learn_scales, gptq_scales)
     if a.int8_block_weights:
         for mod in model.modules():
             if isinstance(mod, QATLinear) and mod.group_size is not None:
                 mod.weight_bits = 8
-    with torch.no_grad():
-        for name, scales in gptq_scales.items():  # with GPTQ's own scales the fake quant is GPTQ's model
-            mod = model.get_submodule(name)
-            if isinstance(mod, QATLinear) and mod.weight_scale is not None:
-                mod.weight_scale.copy_(scales.float())
     text = wikitext2_test_text(None)
     ids = encode(tok, text[: 16 * a.eval_seq_len * (a.eval_windows + 1)])  # the start of the split suffices
 
@@ -99,17 +104,6 @@ def main() -> None:
     sys.stdout.write(line + "\n")
     if a.json:
         a.json.write_text(line + "\n")
-
-
-def _gptq(model, tok, scheme: Scheme, n: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """GPTQ (clip search and scale refit as in spinquant) of every block linear, in place; their scales."""
-    inputs, kwargs = capture_layer_inputs(model, calibration_tokens(tok, "wikitext2", n, seq_len, 1, None))
-    scales = {}
-    for i, layer in enumerate(model.model.layers):
-        result, inputs = gptq_layer(layer, inputs, kwargs, scheme.linear_bits, scheme.group_size,
-                                    scheme.scale_dtype.torch, clip=scheme.weight_clip, refit=True)
-        scales.update({f"model.layers.{i}.{name}": s for name, (_, s) in result.items()})
-    return scales
 
 
 def _kd_and_hidden(model, teacher, input_ids: torch.Tensor, weight: float) -> torch.Tensor:

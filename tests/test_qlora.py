@@ -7,14 +7,19 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from quantkit.algorithms.rotation import hadamard_rotate_
 from quantkit.checkpoint import load_checkpoint
 from quantkit.cli import main
 from quantkit.config import Preset, QLoRAConfig
 from quantkit.errors import QuantkitError
+from quantkit.model import load_model, tiny_llama
 from quantkit.pipelines import qlora as qlora_pipeline
 from quantkit.pipelines.qlora import REPORT_FILE, run_qlora
 from quantkit.training import loops
+from quantkit.primitives import dequantize, quantize
+from quantkit.scheme import Scheme
 from quantkit.training.lora import LoRALinear
+from quantkit.training.qat import QATLinear, prepare_qat
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +52,8 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     assert meta["config"]["dpo"]["beta"] == 0.2
     # the cpu preset learns the int4 scales from the mse clip search; the checkpoint records both
     assert meta["config"]["qat"]["learn_scales"] and meta["scheme"]["weight_clip"] == "mse"
+    # ... and starts QAT from GPTQ on the Hadamard-rotated model
+    assert meta["config"]["qat"]["rotate"] and meta["config"]["qat"]["init"] == "gptq"
     q = loaded.model.model.layers[1].mlp.down_proj
     assert isinstance(q, LoRALinear) and type(q.base).__name__ == "Int4Linear"
     with torch.inference_mode():
@@ -54,7 +61,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     report = json.loads((out / REPORT_FILE).read_text())
     for stage in ("qat", "lora", "dpo"):
         assert len(report[stage]["loss"]) == 2 and report[stage]["perplexity"] > 1
-    assert report["perplexity_float"] > 1 and report["perplexity_ptq"] > 1
+    assert report["perplexity_float"] > 1 and report["perplexity_qat_start"] > 1
     before, after = report["dpo"]["heldout_before"], report["dpo"]["heldout_after"]
     assert before["pairs"] == after["pairs"] == 4 and before["reward_margin"] == 0.0
     assert not (tmp_path / "q.stages").exists()  # stage results are dropped once the checkpoint is written
@@ -111,6 +118,80 @@ def test_nan_loss_stops_the_stage_and_keeps_finished_stages(tiny_dir, tmp_path, 
     assert all(torch.isfinite(t).all() for t in qat_state.values() if t.is_floating_point())
 
 
+def test_untrained_qlora_from_rtn_is_vanilla_ptq_and_the_rotated_gptq_start_is_not(tiny_dir, tmp_path, data_dir, ids):
+    def logits(out):
+        with torch.inference_mode():
+            return load_checkpoint(out)[0].model(ids).logits
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["ptq", "--model", str(tiny_dir), "--output", str(tmp_path / "ptq"),
+                               "--weight-clip", "mse"])
+    assert res.exit_code == 0, res.output
+    zero = ["--qat-steps", "0", "--lora-steps", "0", "--dpo-steps", "0", "--heldout-pairs", "4", "--seq-len", "48",
+            "--eval-windows", "1", "--eval-seq-len", "32", "--no-qat-learn-scales"]
+    for name, flags in (("rtn", ["--no-qat-rotate", "--qat-init", "rtn"]), ("gptq", ["--qat-init-samples", "2"])):
+        res = runner.invoke(main, ["qlora", "--model", str(tiny_dir), "--output", str(tmp_path / name), "--preset",
+                                   "cpu", "--data-dir", str(data_dir), *zero, *flags])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    meta = {n: load_checkpoint(tmp_path / n)[1]["config"]["qat"] for n in ("rtn", "gptq")}
+    assert (meta["rtn"]["rotate"], meta["rtn"]["init"]) == (False, "rtn")
+    assert (meta["gptq"]["rotate"], meta["gptq"]["init"]) == (True, "gptq")
+    ptq = logits(tmp_path / "ptq")
+    torch.testing.assert_close(logits(tmp_path / "rtn"), ptq, atol=0, rtol=0)  # RTN with mse scales, exactly
+    assert (logits(tmp_path / "gptq") - ptq).abs().max() > 0.1  # rotated, GPTQ's codes: another int4 model
+
+
+def test_rotation_before_qat_keeps_the_float_model(tiny, ids):
+    model = tiny.float()
+    with torch.no_grad():
+        for layer in model.model.layers:  # gains that are not 1, so fusing them is tested too
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+        before = model(ids).logits
+        q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+        hadamard_rotate_(model, seed=0)
+        after = model(ids).logits
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert (model.model.layers[0].input_layernorm.weight == 1).all()
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_before, atol=1e-3)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_rotation_of_a_size_without_hadamard_is_refused():
+    model = tiny_llama(hidden_size=92, num_heads=2, num_kv_heads=1)  # 92 = 4 x 23: no Hadamard construction
+    with pytest.raises(QuantkitError, match="hidden size 92.*pass --no-qat-rotate"):
+        hadamard_rotate_(model, seed=0, remedy="pass --no-qat-rotate")
+
+
+def test_gptq_init_puts_qat_on_gptqs_grid_and_resumes_from_its_file(tiny_dir, tmp_path, data_dir):
+    config = _config(tiny_dir, tmp_path / "g", data_dir, qat_init_samples=3)
+    scheme = config.scheme
+    models = [load_model(str(tiny_dir)) for _ in range(2)]
+    data = qlora_pipeline._Data(config, models[0].tokenizer)
+    path = tmp_path / "gptq-init.safetensors"
+    float_weight = models[0].model.model.layers[0].mlp.up_proj.weight.detach().float().clone()
+    scales = [qlora_pipeline._gptq_init(path, m.model.float(), data, config) for m in models]  # 2nd: from the file
+    assert set(scales[0]) == {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    model = models[0].model
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, float_weight)  # GPTQ moved the weights
+    for a, b in zip(model.parameters(), models[1].model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the resumed start is the uninterrupted one
+    prepare_qat(model, scheme, learn_scales=True, init_scales=scales[0])
+    for name, mod in model.named_modules():
+        if isinstance(mod, QATLinear) and mod.group_size is not None:
+            s = mod.scales()
+            assert torch.equal(s, scales[0][name].to(s.dtype))  # learned scales start at GPTQ's
+            codes = quantize(mod.weight.detach(), s, scheme.linear_bits, scheme.group_size)
+            assert torch.equal(dequantize(codes, s, scheme.group_size), mod.weight.detach())  # on the grid
+
+
+def test_learned_scales_of_the_wrong_shape_are_refused(tiny):
+    with pytest.raises(ValueError, match="do not fit"):
+        prepare_qat(tiny, Scheme(), learn_scales=True,
+                    init_scales={"model.layers.0.mlp.up_proj": torch.ones(3, 2)})
+
+
 def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     out = run_qlora(_config(tiny_dir, tmp_path / "m", data_dir, merge_lora=True, qat_steps=1, lora_steps=1,
                             dpo_steps=1))
@@ -125,6 +206,7 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--pref-data", "{bad_pref}"), "bad.jsonl record 1 is not a preference pair"),
     (("--sft-data", "{bad_sft}"), "sft.json record 0 has no response turn"),
     (("--qat-steps", "-1"), "--qat-steps must be >= 0"),
+    (("--qat-init-samples", "0"), "--qat-init-samples must be at least 1"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(args, needle, tiny_dir, tmp_path, data_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')

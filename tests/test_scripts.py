@@ -20,7 +20,7 @@ def test_qat_sweep_runs_every_variant(tiny_dir, data_dir, tmp_path, monkeypatch,
     monkeypatch.setenv("QUANTKIT_DATA_DIR", str(data_dir))
     out = tmp_path / "r.json"
     result = _run(tiny_dir, out, monkeypatch, "--steps", "3", "--lr", "1e-3", "--learn-scales", "--weight-clip", "mse",
-                  "--gptq-init", "2", "--hidden-weight", "1")
+                  "--rotate", "--gptq-init", "2", "--hidden-weight", "1")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     for key in ("perplexity_before", "perplexity", "loss_first10", "loss_last10"):
         assert math.isfinite(result[key]) and result[key] > 0, key

@@ -25,6 +25,8 @@ scales fit the packed format and every kernel unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -203,3 +205,23 @@ def capture_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
     finally:
         handle.remove()
     return torch.stack(captured), kwargs
+
+
+def gptq_model_(model: nn.Module, ids: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
+                clip: WeightClip = WeightClip.AMAX, refit: bool = True,
+                on_layer: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """GPTQ of every block linear of ``model`` on windows ``ids [n, L]``, layer by layer, in place.
+
+    Each layer sees the previous quantized layers' outputs. The float weights are left holding
+    the dequantized values; returns each linear's scales ``[N, K / group_size]`` by model name.
+    ``on_layer(i)`` runs after layer ``i`` (progress).
+    """
+    inputs, layer_kwargs = capture_layer_inputs(model, ids)  # [n, L, D]; kwargs: mask, rotary cos/sin
+    scales: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        result, inputs = gptq_layer(layer, inputs, layer_kwargs, bits, group_size, scale_dtype, clip=clip,
+                                    refit=refit)
+        scales.update({f"model.layers.{i}.{name}": s for name, (_, s) in result.items()})
+        if on_layer is not None:
+            on_layer(i)
+    return scales

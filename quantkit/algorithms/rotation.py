@@ -120,6 +120,30 @@ class Rotations:
             raise QuantkitError(f"{where}: R4 needs a Hadamard of the intermediate size {inter}, which has none")
 
 
+def check_rotatable(model: nn.Module, remedy: str) -> None:
+    """Refuse a model whose hidden size or head_dim has no Hadamard construction (R1/R2's init)."""
+    _, d, _, _, hd, _ = _dims(model)
+    for what, n in (("hidden size", d), ("head_dim", hd)):
+        if not supported(n):
+            raise QuantkitError(f"no Hadamard construction for the {what} {n}, needed to initialize R1/R2; {remedy}")
+
+
+@torch.no_grad()
+def hadamard_rotate_(model: nn.Module, seed: int, remedy: str = "run without rotations") -> None:
+    """Fold seeded random Hadamard R1 and R2 into the float ``model`` (norms fused, embeddings untied).
+
+    SpinQuant's initialization without R4, which would need an online transform: the model
+    computes the same function with plain weights, and its activations lose their outlier
+    channels (what 8-bit per-token activations then keep). The QLoRA pipeline's ``--qat-rotate``.
+    """
+    from quantkit.modules import untie_embeddings  # modules imports the kernels; keep this module light
+
+    check_rotatable(model, remedy)
+    untie_embeddings(model)
+    fuse_norms_(model)
+    apply_rotations_(model, random_rotations(model, seed, r4=False))  # no R4: no hooks to keep
+
+
 def random_rotations(model: nn.Module, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> Rotations:
     """SpinQuant's initialization: random Hadamard R1 and R2 (Hadamard matrix with random row signs)."""
     layers, d, _, _, hd, _ = _dims(model)

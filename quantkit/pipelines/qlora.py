@@ -4,6 +4,8 @@
    (:mod:`quantkit.training.qat`, the packed kernel's math with straight-through gradients) and the
    whole model is fine-tuned on instruction data (loss on responses only), or distilled from the
    frozen float starting model (``StageLoss.KD`` / ``MIXED``), on that data or on calibration text.
+   Optionally (the cpu preset) the float weights are first rotated (random Hadamard R1/R2 folded
+   in, no run-time transform) and QAT starts from GPTQ's int4 model instead of round-to-nearest.
 2. **LoRA**: that backbone is frozen; bf16 LoRA adapters on every block linear are trained on
    the same kind of data, with their own loss choice.
 3. **DPO**: backbone and adapters are trained together on preference pairs against the frozen
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantkit.checkpoint import check_output, save_checkpoint
-from quantkit.config import QLoRAConfig
+from quantkit.algorithms.gptq import gptq_model_
+from quantkit.algorithms.rotation import hadamard_rotate_
+from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
+from quantkit.config import QATInit, QLoRAConfig
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import perplexity
@@ -62,9 +66,15 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
     # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
-    prepare_qat(model, config.scheme, config.qat.learn_scales)  # (1) QAT: fake-quantized forward, all trained
-    # Before any training the fake-quantized model is RTN with the scheme's scales (vanilla PTQ with amax), exactly.
-    report["perplexity_ptq"] = _cached_perplexity(work / "ppl-ptq.json", model, data, config, "ppl vanilla PTQ")
+    if config.qat.rotate:  # R1/R2 folded into the weights: the same float model, flatter activations
+        hadamard_rotate_(model, config.seed, remedy="pass --no-qat-rotate")
+    init_scales = _gptq_init(work / "gptq-init.safetensors", model, data, config) \
+        if config.qat.init is QATInit.GPTQ else None  # weights left on GPTQ's grid
+    prepare_qat(model, config.scheme, config.qat.learn_scales, init_scales)  # (1) QAT: fake-quantized, all trained
+    # Before any training the fake-quantized model is the int4 model QAT starts from, exactly: vanilla
+    # PTQ with the scheme's scales (RTN init) or the GPTQ model (with learned scales, GPTQ's own).
+    report["perplexity_qat_start"] = _cached_perplexity(work / "ppl-start.json", model, data, config,
+                                                        f"ppl {config.qat.init.value} start")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
         "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher))
 
@@ -91,6 +101,30 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str, torch.Tensor]:
+    """GPTQ every block linear in place (weights left dequantized); their scales ``[N, K / group]`` by name.
+
+    Calibrates on ``--qat-init-samples`` windows of the QAT stage's calibration set (wikitext2
+    when it trains on instruction data); the result is kept in ``path`` for a resumed run.
+    """
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}  # the block linears
+    if not path.is_file():
+        scheme, stage = config.scheme, config.qat
+        ids = data.calibration_ids(stage.calibration or "wikitext2", stage.init_samples)  # [n, seq_len]
+        with progress_bar("GPTQ init (layers)", len(model.model.layers)) as advance:
+            scales = gptq_model_(model, ids, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
+                                 scheme.weight_clip, on_layer=lambda _i: advance())
+        tensors = {**{f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()},
+                   **{f"{n}.scales": s for n, s in scales.items()}}
+        atomic_file(lambda tmp: save_file(tensors, str(tmp)), path)
+    saved = load_file(str(path))  # also on a fresh run: the resumed and the uninterrupted run start alike
+    with torch.no_grad():
+        for n, m in linears.items():
+            m.weight.copy_(saved[f"{n}.weight"])
+    return {k.removesuffix(".scales"): v for k, v in saved.items() if k.endswith(".scales")}
 
 
 class _Data:
@@ -120,10 +154,13 @@ class _Data:
         record = self._sft[i]
         return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], self._seq_len)
 
+    def calibration_ids(self, name: str, n: int) -> torch.Tensor:
+        """``n`` seeded windows ``[n, seq_len]`` of calibration set ``name``."""
+        return calibration_tokens(self._tok, name, n, self._seq_len, self._seed, self._data_dir)
+
     def calibration_windows(self, name: str, n: int) -> list[Tokenized]:
-        """``n`` seeded windows of ``seq_len`` tokens of calibration set ``name``, all of them trained on."""
-        windows = calibration_tokens(self._tok, name, n, self._seq_len, self._seed, self._data_dir)  # [n, L]
-        return [Tokenized(row.tolist(), 0) for row in windows]
+        """:meth:`calibration_ids` as training rows, every token a target."""
+        return [Tokenized(row.tolist(), 0) for row in self.calibration_ids(name, n)]
 
     @property
     def n_train_pairs(self) -> int:

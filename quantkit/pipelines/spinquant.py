@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from quantkit.algorithms.gptq import capture_layer_inputs, gptq_layer
 from quantkit.algorithms.hadamard import supported
-from quantkit.algorithms.rotation import (Rotations, apply_rotations_, fuse_norms_, learn_rotations,
-                                          random_rotations)
-from quantkit.checkpoint import check_output, save_checkpoint
+from quantkit.algorithms.rotation import (Rotations, apply_rotations_, check_rotatable, fuse_norms_,
+                                          learn_rotations, random_rotations)
+from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import RotationMode, SpinQuantConfig
 from quantkit.data import calibration_tokens
 from quantkit.errors import QuantkitError
@@ -43,16 +42,12 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
     model = loaded.model.float()  # [work in float32: rotations must keep the float model exact]
     untie_embeddings(model)  # tied pairs would be rotated twice
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     r4, r4_note = config.r4, "on" if config.r4 else "off (--no-r4)"
     if r4 and not supported(c.intermediate_size):
         r4, r4_note = False, f"off: no Hadamard construction for intermediate size {c.intermediate_size}"
         err.print(f"[yellow]warning[/]: R4 {r4_note}; continuing without it (recorded in the metadata)")
     if config.rotation_mode is not RotationMode.NONE and config.rotations is None:
-        for what, n in (("hidden size", c.hidden_size), ("head_dim", head_dim)):
-            if not supported(n):
-                raise QuantkitError(f"no Hadamard construction for the {what} {n}, needed to initialize R1/R2; "
-                                    "pass --rotation-mode none or --rotations FILE")
+        check_rotatable(model, "pass --rotation-mode none or --rotations FILE")
     # the calibration windows (refused when empty or too short) before any work: [n, seq_len]
     learning = config.rotation_mode is RotationMode.LEARNED and config.rotations is None
     n = max(config.rotation_samples if learning else 0, config.gptq_samples if config.method is Method.GPTQ else 0)
@@ -75,7 +70,7 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
     rotations_file = None
     if rot.r1 is not None or rot.r2 is not None:
         rotations_file = config.output.with_name(f"{config.output.name}.rotations.safetensors")
-        _atomic_save(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), rotations_file)
+        atomic_file(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), rotations_file)
     meta = {**config.to_dict(), "result": {"r4": r4_note, "rotation_losses": losses,
                                            "rotations_file": None if rotations_file is None else str(rotations_file)}}
     path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="spinquant",
@@ -106,15 +101,6 @@ def _stage_dir(config: SpinQuantConfig) -> Path:
     return stages
 
 
-def _atomic_save(write, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, stages: Path,
                r4: bool) -> tuple[Rotations, list[float]]:
     """From --rotations, the finished stage, learning, a random init or none (R4 as decided)."""
@@ -139,7 +125,7 @@ def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tenso
                 config.rotation_lr, config.learn_against,
                 on_step=lambda _s, loss: bar.update(task, advance=1, loss=f"{loss:.4f}"))
     rot = Rotations(rot.r1.float(), rot.r2.float(), r4)  # what is saved is exactly what is used
-    _atomic_save(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), finished)
+    atomic_file(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), finished)
     return Rotations.load(finished)[0], losses
 
 
@@ -169,8 +155,8 @@ def _gptq(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor,
                                         scheme.scale_dtype.torch, config.damp, config.act_order,
                                         scheme.weight_clip, config.refit_scales)
             tensors = {f"{k}.{part}": t for k, (q, s) in result.items() for part, t in (("codes", q), ("scales", s))}
-            _atomic_save(lambda tmp, t=tensors: save_file(t, str(tmp)), layer_file)
-            _atomic_save(lambda tmp: save_file({"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)},
+            atomic_file(lambda tmp, t=tensors: save_file(t, str(tmp)), layer_file)
+            atomic_file(lambda tmp: save_file({"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)},
                                                str(tmp)), inputs_file)
             codes.update({f"{prefix}.{k}": v for k, v in result.items()})
             advance()

@@ -54,11 +54,15 @@ class QATLinear(nn.Linear):
         mod.bias = linear.bias
         return mod
 
-    def learn_scales(self) -> None:
-        """Make the group scales a trainable float32 parameter, starting from the scheme's choice."""
-        scales = choose_scales(self.weight.detach(), self.weight_bits, self.group_size, self.scale_dtype,
-                               self.weight_clip)  # [N, K / group_size]
-        self.weight_scale = nn.Parameter(scales.float())
+    def learn_scales(self, init: torch.Tensor | None = None) -> None:
+        """Make the group scales a trainable float32 parameter, from ``init`` or the scheme's choice."""
+        if init is None:
+            init = choose_scales(self.weight.detach(), self.weight_bits, self.group_size, self.scale_dtype,
+                                 self.weight_clip)  # [N, K / group_size]
+        elif init.shape != (self.out_features, self.in_features // self.group_size):
+            raise ValueError(f"initial scales {tuple(init.shape)} do not fit a {self.out_features}x"
+                             f"{self.in_features} weight in groups of {self.group_size}")
+        self.weight_scale = nn.Parameter(init.detach().float().clone())
 
     def scales(self) -> torch.Tensor:
         """The scales the forward uses now, in the scheme's scale dtype (what a checkpoint stores)."""
@@ -109,13 +113,16 @@ class QATEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, bits={self.bits}"
 
 
-def prepare_qat(model: nn.Module, scheme: Scheme, learn_scales: bool = False) -> Plan:
+def prepare_qat(model: nn.Module, scheme: Scheme, learn_scales: bool = False,
+                init_scales: dict[str, torch.Tensor] | None = None) -> Plan:
     """Swap every module the scheme quantizes for its fake-quantized twin, in place; returns the plan.
 
     Block linears: int4 per group with int8 per-token activations (``learn_scales``: their group
-    scales become parameters); head: int8 per channel with int8 activations; embedding: int8 per
-    row. What the scheme leaves float stays ``nn.Linear``.
+    scales become parameters, starting from ``init_scales[name]`` ``[N, K / group_size]`` where
+    given, e.g. GPTQ's, else from the scheme's choice); head: int8 per channel with int8
+    activations; embedding: int8 per row. What the scheme leaves float stays ``nn.Linear``.
     """
+    init_scales = init_scales or {}
     if scheme.untie_embeddings:
         untie_embeddings(model)
     plan = plan_for(model, scheme)
@@ -128,7 +135,7 @@ def prepare_qat(model: nn.Module, scheme: Scheme, learn_scales: bool = False) ->
             new = QATLinear.from_linear(mod, scheme.linear_bits, scheme.group_size, scheme.act_bits, sd,
                                         scheme.weight_clip)
             if learn_scales:
-                new.learn_scales()
+                new.learn_scales(init_scales.get(name))
         elif kind is Kind.INT8_LINEAR:
             new = QATLinear.from_linear(mod, scheme.head_bits, None, scheme.act_bits, sd)
         else:
