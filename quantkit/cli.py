@@ -147,7 +147,8 @@ NO_CALIBRATION = "none"
 @click.option("--qat-init", type=click.Choice([k.value for k in QATInit]), default=None,
               help="The int4 model stage 1 starts from: `rtn` (round to nearest with --weight-clip's scales, "
                    "i.e. vanilla PTQ; Meta's recipe) or `gptq` (GPTQ on --qat-init-samples calibration windows; "
-                   "learned scales start from GPTQ's). The cpu preset uses gptq, the full preset rtn.")
+                   "learned scales start from GPTQ's; without --qat-learn-scales they are recomputed from GPTQ's "
+                   "weights). The cpu preset uses gptq, the full preset rtn.")
 @click.option("--qat-init-samples", type=int, default=None,
               help="Calibration windows of --seq-len tokens for --qat-init gptq (from --qat-calibration's set, "
                    "wikitext2 when stage 1 trains on the SFT data). Default 32.")
