@@ -42,6 +42,7 @@ from quantkit.algorithms import LearnTarget
 from quantkit.algorithms.cayley import CayleySGD
 from quantkit.algorithms.hadamard import hadamard_transform, random_hadamard, supported
 from quantkit.errors import QuantkitError
+from quantkit.modules import untie_embeddings
 from quantkit.primitives import fake_quantize
 from quantkit.scheme import Scheme
 
@@ -136,8 +137,6 @@ def hadamard_rotate_(model: nn.Module, seed: int, remedy: str = "run without rot
     computes the same function with plain weights, and its activations lose their outlier
     channels (what 8-bit per-token activations then keep). The QLoRA pipeline's ``--qat-rotate``.
     """
-    from quantkit.modules import untie_embeddings  # modules imports the kernels; keep this module light
-
     check_rotatable(model, remedy)
     untie_embeddings(model)
     fuse_norms_(model)

@@ -119,8 +119,9 @@ def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str,
                                  scheme.weight_clip, on_layer=lambda _i: advance())
         tensors = {**{f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()},
                    **{f"{n}.scales": s for n, s in scales.items()}}
-        atomic_file(lambda tmp: save_file(tensors, str(tmp)), path)
-    saved = load_file(str(path))  # also on a fresh run: the resumed and the uninterrupted run start alike
+        atomic_file(lambda tmp: save_file(tensors, str(tmp)), path)  # exact values: a resumed run starts alike
+        return scales
+    saved = load_file(str(path))
     with torch.no_grad():
         for n, m in linears.items():
             m.weight.copy_(saved[f"{n}.weight"])
