@@ -37,8 +37,10 @@ kernel: install
 demo: install
 	$(BIN)/quantkit ptq --output $(DEMO_OUT)/smollm2-ptq --overwrite
 	$(BIN)/quantkit spinquant --preset cpu --output $(DEMO_OUT)/smollm2-spinquant --overwrite
-	# QAT -> LoRA -> DPO at CPU size (a smoke-sized run of the recipe; resumes if interrupted)
-	$(BIN)/quantkit qlora --preset cpu --output $(DEMO_OUT)/smollm2-qlora --overwrite
+	# QAT -> LoRA -> DPO at CPU size (a smoke-sized run of the recipe; resumes if interrupted),
+	# QAT starting from the SpinQuant run's learned rotations
+	$(BIN)/quantkit qlora --preset cpu --qat-rotations $(DEMO_OUT)/smollm2-spinquant.rotations.safetensors \
+		--output $(DEMO_OUT)/smollm2-qlora --overwrite
 	# bf16 baseline vs the three checkpoints: token perplexity, tasks, speed, size, memory
 	$(BIN)/quantkit compare report $(DEMO_OUT)/smollm2-ptq $(DEMO_OUT)/smollm2-spinquant $(DEMO_OUT)/smollm2-qlora \
 		--output $(DEMO_OUT)/report --overwrite --max-windows $(DEMO_WINDOWS) --limit $(DEMO_LIMIT) --bench

@@ -9,7 +9,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.config import QLORA_WEIGHT_CLIP, Preset, QATInit, SpinQuantPreset, StageLoss
+from quantkit.config import QLORA_WEIGHT_CLIP, LoRAInit, Preset, QATInit, SpinQuantPreset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -144,6 +144,11 @@ NO_CALIBRATION = "none"
                    "R1 on the residual stream and R2 per head, without the online R4): the same float model "
                    "with fewer activation outliers, so the int8 activations cost less. Nothing changes at run "
                    "time. The cpu preset rotates, the full preset (Meta's recipe) does not.")
+@click.option("--qat-rotations", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="With --qat-rotate (implied): fold these rotations instead of random Hadamard ones, e.g. "
+                   "the learned R1/R2 that `quantkit spinquant` writes to OUTPUT.rotations.safetensors. If the "
+                   "file has R4, every down_proj applies an online Hadamard to its input, as in SpinQuant's "
+                   "checkpoints. make demo passes its SpinQuant run's file.")
 @click.option("--qat-init", type=click.Choice([k.value for k in QATInit]), default=None,
               help="The int4 model stage 1 starts from: `rtn` (round to nearest with --weight-clip's scales, "
                    "i.e. vanilla PTQ; Meta's recipe) or `gptq` (GPTQ on --qat-init-samples calibration windows; "
@@ -157,6 +162,15 @@ NO_CALIBRATION = "none"
 @click.option("--lora-rank", type=int, default=None,
               help="LoRA rank: at least 1, at most the smallest side of every block linear.")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
+@click.option("--lora-init", type=click.Choice([k.value for k in LoRAInit]), default=None,
+              help="Where the adapters start: `zero` (B = 0, so stage 2 starts as the stage-1 model; Meta's "
+                   "recipe) or `error` (LoftQ: the best rank-r approximation of what the int4 weights lost from "
+                   "the float ones, weighted by --lora-init-samples calibration windows of inputs; keeps a "
+                   "float copy of the block weights and a K x K input Gram matrix per linear in memory). "
+                   "The cpu preset uses error, the full preset zero.")
+@click.option("--lora-init-samples", type=int, default=None,
+              help="Calibration windows of --seq-len tokens for --lora-init error (from --lora-calibration's "
+                   "set, else wikitext2). Default 32.")
 @click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
 @click.option("--lora-calibration", default=None, metavar="SET|none",
@@ -164,6 +178,11 @@ NO_CALIBRATION = "none"
 @click.option("--dpo-steps", type=int, default=None, help="Stage 3 (DPO, backbone + adapters) optimizer steps.")
 @click.option("--dpo-lr", type=float, default=None, help="Stage 3 peak learning rate.")
 @click.option("--dpo-beta", type=float, default=None, help="DPO beta (strength of the pull toward the reference).")
+@click.option("--dpo-kd-weight", type=float, default=None,
+              help="Add this times the distillation loss (as --qat-loss kd) on one window of --lora-calibration's "
+                   "set (wikitext2 when stage 2 trains on the SFT data) to every DPO step, so that DPO costs "
+                   "less WikiText perplexity (like InstructGPT's pretraining mix). 0 turns it off; the full "
+                   "preset uses 0.")
 @click.option("--heldout-pairs", type=int, default=None,
               help="Preference pairs held out of DPO training and scored before and after it.")
 @click.option("--batch-size", type=int, default=None,
@@ -207,6 +226,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     for key in ("qat_calibration", "lora_calibration"):
         if overrides.get(key) == NO_CALIBRATION:
             overrides[key] = None  # the stage trains on the SFT data
+    if "qat_rotations" in overrides:
+        overrides["qat_rotations"] = str(overrides["qat_rotations"])  # the config is JSON (resume check)
+        overrides.setdefault("qat_rotate", True)
     if batch_size is not None:
         overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,

@@ -73,6 +73,13 @@ class QATInit(str, enum.Enum):
     GPTQ = "gptq"  # GPTQ's codes and scales on calibration windows (learned scales start from GPTQ's)
 
 
+class LoRAInit(str, enum.Enum):
+    """Where the adapters start."""
+
+    ZERO = "zero"  # B = 0: the stage-1 model exactly (LoRA's own init; Meta's recipe)
+    ERROR = "error"  # the best rank-r approximation of what int4 lost, weighted by the inputs (LoftQ)
+
+
 @dataclass(frozen=True)
 class QATStageConfig:
     """Stage 1: SFT of every weight through the fake-quantized forward (straight-through gradients)."""
@@ -88,6 +95,9 @@ class QATStageConfig:
     # random Hadamard R1 (residual stream) and R2 (per head) folded into the float weights first, as
     # SpinQuant's init (the same float model; no online transform, so no run-time cost)
     rotate: bool = False
+    # with `rotate`: a rotations file (SpinQuant's learned R1/R2, and its R4 as an online Hadamard
+    # before down_proj, QATLinear.input_transform) instead of the random Hadamard R1/R2
+    rotations: str | None = None
     init: QATInit = QATInit.RTN
     init_samples: int = 32  # GPTQ init: calibration windows of seq_len (from `calibration`, else wikitext2)
 
@@ -96,6 +106,8 @@ class QATStageConfig:
         object.__setattr__(self, "init", QATInit(self.init))
         if self.init_samples < 1:
             raise QuantkitError(f"--qat-init-samples must be at least 1, got {self.init_samples}")
+        if self.rotations is not None and not self.rotate:
+            raise QuantkitError("--qat-rotations needs --qat-rotate (drop --no-qat-rotate, or the file)")
 
 
 @dataclass(frozen=True)
@@ -109,9 +121,14 @@ class LoRAStageConfig:
     alpha: float = 32.0
     loss: StageLoss = StageLoss.CE
     calibration: str | None = None
+    init: LoRAInit = LoRAInit.ZERO
+    init_samples: int = 32  # ERROR init: windows of seq_len weighting the error (`calibration`, else wikitext2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))
+        object.__setattr__(self, "init", LoRAInit(self.init))
+        if self.init_samples < 1:
+            raise QuantkitError(f"--lora-init-samples must be at least 1, got {self.init_samples}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,9 @@ class DPOStageConfig:
     batch_size: int  # preference pairs per step (each is a chosen and a rejected sequence)
     beta: float = 0.1
     heldout_pairs: int = 64  # pairs kept out of training, scored before and after DPO
+    # each step also distills the float starting model on one calibration window, weighted so (the
+    # pretraining mix of InstructGPT's PPO-ptx): DPO then costs less of the language model's quality
+    kd_weight: float = 0.0  # its windows: the LoRA stage's calibration set, else wikitext2
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,8 @@ class QLoRAConfig:
                                     f"(got {cfg.steps}, {cfg.lr}, {cfg.batch_size})")
         if self.lora.rank < 1:
             raise QuantkitError(f"--lora-rank must be at least 1, got {self.lora.rank}")
+        if self.dpo.kd_weight < 0:
+            raise QuantkitError(f"--dpo-kd-weight must be >= 0, got {self.dpo.kd_weight}")
         if self.dpo.beta <= 0 or self.dpo.heldout_pairs < 1:
             raise QuantkitError(f"--dpo-beta must be > 0 and --heldout-pairs >= 1 "
                                 f"(got {self.dpo.beta}, {self.dpo.heldout_pairs})")
@@ -168,7 +190,7 @@ class QLoRAConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether a stage distills from the float starting model (kept as a frozen copy)."""
-        return self.qat.loss.needs_teacher or self.lora.loss.needs_teacher
+        return self.qat.loss.needs_teacher or self.lora.loss.needs_teacher or self.dpo.kd_weight > 0
 
     @classmethod
     def preset(cls, preset: Preset, output: Path, **overrides) -> QLoRAConfig:
@@ -183,9 +205,10 @@ class QLoRAConfig:
             base = cls(output, QATStageConfig(steps=120, lr=5e-5, batch_size=1, loss=StageLoss.KD,
                                               calibration="wikitext2", learn_scales=True, rotate=True,
                                               init=QATInit.GPTQ, init_samples=32),
-                       # a gentle LoRA step keeps what QAT won (lr 1e-3 gave it back; README)
+                       # a gentle LoRA step keeps what QAT won (lr 1e-3 gave it back; README), from the
+                       # adapters that best make up for the int4 error (22.30 against 22.43 from B = 0)
                        LoRAStageConfig(steps=30, lr=1e-4, batch_size=1, rank=8, alpha=16.0, loss=StageLoss.KD,
-                                       calibration="wikitext2"),
+                                       calibration="wikitext2", init=LoRAInit.ERROR, init_samples=32),
                        # orca-dpo: HH-RLHF harmless pairs stay at chance for a 135M model whatever DPO
                        # does (README); 64 held-out pairs, since 32 move the accuracy in 3-point steps.
                        # Small steps: the rotated weights (norm gains fused in) are ~5x smaller, so an
@@ -210,7 +233,7 @@ class QLoRAConfig:
         d["data_dir"] = None if self.data_dir is None else str(self.data_dir)
         for stage in ("qat", "lora"):
             d[stage]["loss"] = d[stage]["loss"].value
-        d["qat"]["init"] = d["qat"]["init"].value
+        d["qat"]["init"], d["lora"]["init"] = d["qat"]["init"].value, d["lora"]["init"].value
         return d
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from quantkit.algorithms.gptq import gptq_model_
-from quantkit.algorithms.rotation import hadamard_rotate_
+from quantkit.algorithms.rotation import fold_rotations_
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.evaluate import perplexity
 from quantkit.model import load_model
@@ -61,7 +61,7 @@ def main() -> None:
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     scheme = Scheme(weight_clip=WeightClip(a.weight_clip))
     if a.rotate:
-        hadamard_rotate_(model, seed=0)
+        fold_rotations_(model, seed=0)
     gptq_scales = None
     if a.gptq_init:  # weights now on GPTQ's grid; learned scales start from GPTQ's
         ids = calibration_tokens(tok, "wikitext2", a.gptq_init, a.seq_len, 1, None)

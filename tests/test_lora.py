@@ -10,7 +10,7 @@ from quantkit.modules import InputTransform, Int4Linear
 from quantkit.primitives import choose_scales, quantize
 from quantkit.scheme import Scheme
 from quantkit.training.loops import train
-from quantkit.training.lora import LoRALinear, add_lora, check_rank, lora_metadata, lora_parameters, merge_lora_
+from quantkit.training.lora import LoRALinear, add_lora, check_rank, init_from_error_, lora_metadata, lora_parameters, merge_lora_
 from quantkit.training.qat import QATLinear, convert_qat, prepare_qat
 from quantkit.training.records import Tokenized, collate
 from quantkit.training.sft import sft_loss
@@ -131,3 +131,25 @@ def test_one_lora_step_reduces_the_loss(tiny, tmp_path):
     params = {str(i): p for i, p in enumerate(lora_parameters(tiny))}
     train("lora", params, 1, 1e-2, lambda step: sft_loss(tiny, batch), tmp_path / "p", 10)
     assert sft_loss(tiny, batch).item() < before - 0.01
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_error_init_at_full_rank_restores_the_error_and_is_best_in_its_norm(weighted):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 32, bias=False)
+    error = torch.randn(32, 48)
+    x = torch.randn(500, 48) * torch.linspace(0.1, 3, 48)  # uneven input channels
+    gram = x.T @ x if weighted else None
+    full = LoRALinear(base, 32, 8.0, dtype=torch.float32)
+    init_from_error_(full, error, gram, damp=0.0)
+    torch.testing.assert_close(full.delta_weight(), error, atol=1e-4, rtol=1e-4)  # rank 32 = rank of E
+
+    def residual(wrapper):  # what the outputs see of the error the adapter leaves
+        return ((error - wrapper.delta_weight()) @ x.T).norm()
+
+    low = {}
+    for name, g in (("plain", None), ("weighted", x.T @ x)):
+        low[name] = LoRALinear(base, 4, 8.0, dtype=torch.float32)
+        init_from_error_(low[name], error, g, damp=0.0)
+    assert residual(low["weighted"]) < residual(low["plain"])  # the weighted init is best in its norm
+    assert residual(low["plain"]) < (error @ x.T).norm()  # and either removes part of the error

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.modules import Int4Linear, Int8Embedding, Int8Linear
+from quantkit.modules import InputTransform, Int4Linear, Int8Embedding, Int8Linear
 from quantkit.primitives import choose_scales, quantize_dequantize
 from quantkit.scheme import Scheme, WeightClip
 from quantkit.training.loops import train
@@ -48,6 +48,27 @@ def test_fake_quantized_forward_equals_packed_model(tiny, ids, backend, scheme, 
     else:  # the fast kernel sums in another order: bf16 activations may round (and then quantize) apart
         assert (packed.float() - fake.float()).abs().max() < 0.1 * fake.float().abs().max()
         assert torch.equal(packed.argmax(-1), fake.argmax(-1)) or (packed.float() - fake.float()).abs().mean() < 1e-2
+
+
+def test_fake_quantized_forward_with_an_online_hadamard_equals_packed_model(tiny, ids, backend):
+    scheme = Scheme(weight_clip="mse")
+    prepare_qat(tiny, scheme, learn_scales=True)
+    downs = [layer.mlp.down_proj for layer in tiny.model.layers]
+    for down in downs:  # SpinQuant's R4, as qlora --qat-rotations sets it
+        down.input_transform = InputTransform.HADAMARD
+    with torch.no_grad():
+        plain = tiny(ids).logits
+        downs[0].input_transform = InputTransform.NONE
+        assert not torch.equal(tiny(ids).logits, plain)  # the transform is applied
+        downs[0].input_transform = InputTransform.HADAMARD
+        convert_qat(tiny, scheme)
+        packed = tiny(ids).logits
+    assert all(layer.mlp.down_proj.input_transform is InputTransform.HADAMARD for layer in tiny.model.layers)
+    assert tiny.model.layers[0].self_attn.q_proj.input_transform is InputTransform.NONE
+    if backend == "reference":
+        assert torch.equal(plain, packed)
+    else:
+        assert (packed.float() - plain.float()).abs().max() < 0.1 * plain.float().abs().max()
 
 
 def test_straight_through_gradients():

@@ -7,19 +7,21 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from quantkit.algorithms.rotation import hadamard_rotate_
+from quantkit.algorithms.rotation import Rotations, fold_rotations_, random_rotations
 from quantkit.checkpoint import load_checkpoint
 from quantkit.cli import main
 from quantkit.config import Preset, QLoRAConfig
 from quantkit.errors import QuantkitError
 from quantkit.model import load_model, tiny_llama
+from quantkit.kernels import hadamard
+from quantkit.modules import InputTransform
 from quantkit.pipelines import qlora as qlora_pipeline
 from quantkit.pipelines.qlora import REPORT_FILE, run_qlora
 from quantkit.training import loops
 from quantkit.primitives import dequantize, quantize
 from quantkit.scheme import Scheme
-from quantkit.training.lora import LoRALinear
-from quantkit.training.qat import QATLinear, prepare_qat
+from quantkit.training.lora import LoRALinear, add_lora
+from quantkit.training.qat import QATLinear, convert_qat, prepare_qat
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +56,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     assert meta["config"]["qat"]["learn_scales"] and meta["scheme"]["weight_clip"] == "mse"
     # ... and starts QAT from GPTQ on the Hadamard-rotated model
     assert meta["config"]["qat"]["rotate"] and meta["config"]["qat"]["init"] == "gptq"
+    assert meta["config"]["lora"]["init"] == "error"  # ... and LoRA from the int4 error's best rank-r fit
     q = loaded.model.model.layers[1].mlp.down_proj
     assert isinstance(q, LoRALinear) and type(q.base).__name__ == "Int4Linear"
     with torch.inference_mode():
@@ -128,7 +131,7 @@ def test_untrained_qlora_from_rtn_is_vanilla_ptq_and_the_rotated_gptq_start_is_n
                                "--weight-clip", "mse"])
     assert res.exit_code == 0, res.output
     zero = ["--qat-steps", "0", "--lora-steps", "0", "--dpo-steps", "0", "--heldout-pairs", "4", "--seq-len", "48",
-            "--eval-windows", "1", "--eval-seq-len", "32", "--no-qat-learn-scales"]
+            "--eval-windows", "1", "--eval-seq-len", "32", "--no-qat-learn-scales", "--lora-init", "zero"]
     for name, flags in (("rtn", ["--no-qat-rotate", "--qat-init", "rtn"]), ("gptq", ["--qat-init-samples", "2"])):
         res = runner.invoke(main, ["qlora", "--model", str(tiny_dir), "--output", str(tmp_path / name), "--preset",
                                    "cpu", "--data-dir", str(data_dir), *zero, *flags])
@@ -148,7 +151,7 @@ def test_rotation_before_qat_keeps_the_float_model(tiny, ids):
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
         before = model(ids).logits
         q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
-        hadamard_rotate_(model, seed=0)
+        fold_rotations_(model, seed=0)
         after = model(ids).logits
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     assert (model.model.layers[0].input_layernorm.weight == 1).all()
@@ -159,7 +162,96 @@ def test_rotation_before_qat_keeps_the_float_model(tiny, ids):
 def test_rotation_of_a_size_without_hadamard_is_refused():
     model = tiny_llama(hidden_size=92, num_heads=2, num_kv_heads=1)  # 92 = 4 x 23: no Hadamard construction
     with pytest.raises(QuantkitError, match="hidden size 92.*pass --no-qat-rotate"):
-        hadamard_rotate_(model, seed=0, remedy="pass --no-qat-rotate")
+        fold_rotations_(model, seed=0, remedy="pass --no-qat-rotate")
+
+
+def _rotations_file(tiny_dir, path, r4=True, **tiny_overrides):
+    """Seeded random rotations with R4, saved as spinquant saves its learned ones."""
+    model = tiny_llama(**tiny_overrides) if tiny_overrides else load_model(str(tiny_dir)).model
+    random_rotations(model, seed=7, r4=r4).save(path)
+    return path
+
+
+def test_qat_rotations_file_is_folded_in_with_its_r4(tiny_dir, tmp_path, data_dir, ids):
+    rot_file = _rotations_file(tiny_dir, tmp_path / "rot.safetensors")
+    res = CliRunner().invoke(main, [str(a) for a in (
+        "qlora", "--model", tiny_dir, "--output", tmp_path / "q", "--preset", "cpu", "--data-dir", data_dir,
+        "--qat-rotations", rot_file, "--qat-init", "rtn", "--lora-init", "zero", "--qat-steps", 0, "--lora-steps", 0,
+        "--dpo-steps", 0, "--heldout-pairs", 4, "--seq-len", 48, "--eval-windows", 1, "--eval-seq-len", 32)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    loaded, meta = load_checkpoint(tmp_path / "q")
+    assert meta["config"]["qat"]["rotate"] and meta["config"]["qat"]["rotations"] == str(rot_file)
+    assert meta["input_transforms"] == {f"model.layers.{i}.mlp.down_proj": "hadamard" for i in range(2)}
+
+    # The same model by hand from the public pieces: the file's R1/R2/R4 (R4 as hooks on the float
+    # model, which computes what it computed before), then RTN-started QAT whose down_projs apply R4.
+    model = load_model(str(tiny_dir)).model.float()
+    with torch.no_grad():
+        before = model(ids).logits
+        hooks = fold_rotations_(model, seed=0, rotations=Rotations.load(rot_file)[0])
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=1e-4)
+        for hook in hooks:
+            hook.remove()
+        assert not torch.allclose(model(ids).logits, before, atol=1e-2)  # R4 is folded into the weights
+        prepare_qat(model, Scheme(weight_clip="mse"), learn_scales=True)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.input_transform = InputTransform.HADAMARD
+        convert_qat(model, Scheme(weight_clip="mse"))
+        qlora_pipeline._release_dtypes(model)
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (("--qat-rotations", "{missing}"), "missing.safetensors: no such file"),
+    (("--qat-rotations", "{other}"), "r1 has shape (32, 32) but this model needs (64, 64)"),
+    (("--qat-rotations", "{good}", "--no-qat-rotate"), "--qat-rotations needs --qat-rotate"),
+])
+def test_bad_rotations_file_is_refused_and_writes_nothing(flags, needle, tiny_dir, tmp_path, data_dir):
+    files = {"missing": tmp_path / "missing.safetensors", "good": _rotations_file(tiny_dir, tmp_path / "good.st"),
+             "other": _rotations_file(tiny_dir, tmp_path / "other.st", hidden_size=32, num_heads=2, num_kv_heads=1)}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(main, ["qlora", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--preset",
+                                    "cpu", "--data-dir", str(data_dir), *(f.format(**files) for f in flags)])
+    assert res.exit_code != 0 and needle in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_dpo_kd_weight_adds_the_distillation_term_to_each_step(tiny_dir, tmp_path, data_dir):
+    first = {}
+    for w in (0.0, 1.0, 2.0):  # identical stages 1-2, so the first DPO step differs by w x the same KD
+        run_qlora(_config(tiny_dir, tmp_path / f"w{w}", data_dir, qat_steps=1, lora_steps=1, dpo_steps=1,
+                          qat_init="rtn", dpo_kd_weight=w))
+        first[w] = json.loads((tmp_path / f"w{w}" / REPORT_FILE).read_text())["dpo"]["loss"][0]
+    kd = first[1.0] - first[0.0]
+    assert kd > 1e-4  # the stage-2 model is not the float teacher
+    assert abs((first[2.0] - first[1.0]) - kd) < 1e-4 * max(1.0, kd)
+
+
+def test_error_init_of_full_rank_adapters_restores_the_float_linears_under_r4(tiny_dir, tmp_path, data_dir):
+    rot_file = _rotations_file(tiny_dir, tmp_path / "rot.safetensors")
+    config = _config(tiny_dir, tmp_path / "q", data_dir, qat_rotations=str(rot_file), lora_init="error",
+                     lora_init_samples=2, scheme=Scheme(act_bits=None))  # the weights alone lose anything
+    model = load_model(str(tiny_dir)).model.float()
+    data = qlora_pipeline._Data(config, load_model(str(tiny_dir)).tokenizer)
+    with torch.no_grad():
+        for hook in fold_rotations_(model, seed=0, rotations=Rotations.load(rot_file)[0]):
+            hook.remove()  # R4 folded into the down_projs' weights; applied online below
+        float_weights = {n: w.clone() for n, w in qlora_pipeline._block_weights(model).items()}
+        prepare_qat(model, config.scheme, learn_scales=True)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.input_transform = InputTransform.HADAMARD
+        names = [n for n in float_weights if not n.endswith(("k_proj", "v_proj"))]
+        add_lora(model, 64, 8.0, names)  # full rank: min(in, out) of each linear
+        add_lora(model, 32, 8.0, [n for n in float_weights if n not in names])
+        x = {n: torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(1)) for n, w in float_weights.items()}
+        before = {n: model.get_submodule(n)(x[n]) for n in float_weights}  # B = 0: the int4 linears
+        qlora_pipeline._init_adapters_from_error(model, float_weights, data, config)
+        for name, w in float_weights.items():
+            down = name.endswith("down_proj")
+            want = torch.nn.functional.linear(hadamard(x[name]) if down else x[name], w)  # the float linear
+            assert (before[name] - want).abs().max() > 1e-3 * want.abs().max(), name  # int4 loses something
+            torch.testing.assert_close(model.get_submodule(name)(x[name]), want, atol=1e-4, rtol=1e-4)
 
 
 def test_gptq_init_puts_qat_on_gptqs_grid_and_resumes_from_its_file(tiny_dir, tmp_path, data_dir):
@@ -207,6 +299,8 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--sft-data", "{bad_sft}"), "sft.json record 0 has no response turn"),
     (("--qat-steps", "-1"), "--qat-steps must be >= 0"),
     (("--qat-init-samples", "0"), "--qat-init-samples must be at least 1"),
+    (("--dpo-kd-weight", "-1"), "--dpo-kd-weight must be >= 0"),
+    (("--lora-init-samples", "0"), "--lora-init-samples must be at least 1"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(args, needle, tiny_dir, tmp_path, data_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')

@@ -130,17 +130,25 @@ def check_rotatable(model: nn.Module, remedy: str) -> None:
 
 
 @torch.no_grad()
-def hadamard_rotate_(model: nn.Module, seed: int, remedy: str = "run without rotations") -> None:
-    """Fold seeded random Hadamard R1 and R2 into the float ``model`` (norms fused, embeddings untied).
+def fold_rotations_(model: nn.Module, seed: int, rotations: Rotations | None = None,
+                    remedy: str = "run without rotations") -> list[torch.utils.hooks.RemovableHandle]:
+    """Fold R1/R2 (and R4 if ``rotations`` has it) into the float ``model``; norms fused, embeddings untied.
 
-    SpinQuant's initialization without R4, which would need an online transform: the model
-    computes the same function with plain weights, and its activations lose their outlier
-    channels (what 8-bit per-token activations then keep). The QLoRA pipeline's ``--qat-rotate``.
+    ``rotations`` are e.g. SpinQuant's learned ones, read from its rotations file; None means
+    SpinQuant's initialization without R4: seeded random Hadamard R1 and R2, so the model computes
+    the same function with plain weights and its activations lose their outlier channels (what
+    8-bit per-token activations then keep). With R4, H is folded into every down_proj's weight and
+    the returned pre-hooks apply it online to the float down_projs (whoever swaps the modules
+    removes them and gives the new modules ``InputTransform.HADAMARD``). QLoRA's ``--qat-rotate``.
     """
-    check_rotatable(model, remedy)
+    if rotations is None:
+        check_rotatable(model, remedy)
+        rotations = random_rotations(model, seed, r4=False)
+    else:
+        rotations.check(model)
     untie_embeddings(model)
     fuse_norms_(model)
-    apply_rotations_(model, random_rotations(model, seed, r4=False))  # no R4: no hooks to keep
+    return apply_rotations_(model, rotations)
 
 
 def random_rotations(model: nn.Module, seed: int, r1: bool = True, r2: bool = True, r4: bool = True) -> Rotations:

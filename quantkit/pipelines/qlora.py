@@ -5,11 +5,13 @@
    whole model is fine-tuned on instruction data (loss on responses only), or distilled from the
    frozen float starting model (``StageLoss.KD`` / ``MIXED``), on that data or on calibration text.
    Optionally (the cpu preset) the float weights are first rotated (random Hadamard R1/R2 folded
-   in, no run-time transform) and QAT starts from GPTQ's int4 model instead of round-to-nearest.
+   in, no run-time transform; or a SpinQuant rotations file's learned R1/R2 and its R4, the online
+   Hadamard before down_proj) and QAT starts from GPTQ's int4 model instead of round-to-nearest.
 2. **LoRA**: that backbone is frozen; bf16 LoRA adapters on every block linear are trained on
    the same kind of data, with their own loss choice.
 3. **DPO**: backbone and adapters are trained together on preference pairs against the frozen
-   stage-2 model; a held-out slice of pairs is scored before and after.
+   stage-2 model; a held-out slice of pairs is scored before and after. Optionally (the cpu
+   preset) each step adds the distillation loss on a calibration window, weighted by ``kd_weight``.
 
 Training runs on float32 master weights (bf16 would round away small updates); the release
 casts the remaining float tensors (norms, adapters) to bf16. The packed checkpoint keeps the
@@ -31,22 +33,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantkit.algorithms.gptq import gptq_model_
-from quantkit.algorithms.rotation import hadamard_rotate_
+from quantkit.algorithms.rotation import Rotations, down_projs, fold_rotations_
 from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
-from quantkit.config import QATInit, QLoRAConfig
+from quantkit.config import LoRAInit, QATInit, QLoRAConfig
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import perplexity
 from quantkit.model import load_model
-from quantkit.modules import Int8Embedding
+from quantkit.kernels import hadamard
+from quantkit.modules import InputTransform, Int8Embedding, block_linear_names
 from quantkit.progress import err, progress_bar
 from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
-from quantkit.training.lora import add_lora, check_rank, lora_metadata, merge_lora_
-from quantkit.training.qat import convert_qat, prepare_qat, scale_lr_ratios
+from quantkit.training.lora import add_lora, check_rank, init_from_error_, lora_metadata, lora_modules, merge_lora_
+from quantkit.training.qat import QATLinear, convert_qat, prepare_qat, scale_lr_ratios
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
-from quantkit.training.sft import stage_loss
+from quantkit.training.sft import StageLoss, stage_loss
 
 REPORT_FILE = "qlora_report.json"
 
@@ -59,6 +62,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     if tok is None:
         raise QuantkitError(f"{loaded.source} has no tokenizer; qlora trains on text and needs one")
     check_rank(model, config.lora.rank)
+    rotations = _rotations_file(config.qat.rotations, model)
     data = _Data(config, tok)  # bad data is refused before anything is written
     work = _work_dir(config)
     report = {"eval": {"windows": config.eval_windows, "seq_len": config.eval_seq_len},
@@ -66,11 +70,21 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
     # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
-    if config.qat.rotate:  # R1/R2 folded into the weights: the same float model, flatter activations
-        hadamard_rotate_(model, config.seed, remedy="pass --no-qat-rotate")
+    # R1/R2 (R4) folded into the weights: the same float model, flatter activations; R4 as hooks for now
+    r4_hooks = fold_rotations_(model, config.seed, rotations, remedy="pass --no-qat-rotate") \
+        if config.qat.rotate else []
+    float_weights = {n: w.detach().clone() for n, w in _block_weights(model).items()} \
+        if config.lora.init is LoRAInit.ERROR else None  # what the adapters' init compares int4 with
     init_scales = _gptq_init(work / "gptq-init.safetensors", model, data, config) \
         if config.qat.init is QATInit.GPTQ else None  # weights left on GPTQ's grid
     prepare_qat(model, config.scheme, config.qat.learn_scales, init_scales)  # (1) QAT: fake-quantized, all trained
+    for hook in r4_hooks:  # the QAT down_projs apply R4 themselves, as the packed ones will
+        hook.remove()
+    for name, down in down_projs(model) if r4_hooks else []:
+        if not isinstance(down, QATLinear):
+            raise QuantkitError(f"{name} is not quantized by the scheme, so it cannot apply R4; "
+                                "use a rotations file without R4 (quantkit spinquant --no-r4)")
+        down.input_transform = InputTransform.HADAMARD
     # Before any training the fake-quantized model is the int4 model QAT starts from, exactly: vanilla
     # PTQ with the scheme's scales (RTN init) or the GPTQ model (with learned scales, GPTQ's own).
     report["perplexity_qat_start"] = _cached_perplexity(work / "ppl-start.json", model, data, config,
@@ -82,12 +96,15 @@ def run_qlora(config: QLoRAConfig) -> Path:
     torch.manual_seed(config.seed)  # the adapters' A init: a resumed run must draw the same one
     add_lora(model, config.lora.rank, config.lora.alpha)
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    report["lora"] = run_stage(work, "lora", model, lambda progress: _sft_stage(
-        "lora", model, adapters, config.lora, data, config, progress, teacher))
-    teacher = None  # DPO has its own (stage-2) reference; free the copy
+    report["lora"] = run_stage(work, "lora", model, lambda progress: _lora_stage(
+        model, adapters, float_weights, data, config, progress, teacher))
+    float_weights = None
+    if not config.dpo.kd_weight:
+        teacher = None  # DPO has its own (stage-2) reference; free the copy
 
     model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
-    report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress))
+    report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress,
+                                                                              teacher))
 
     if config.merge_lora:
         merge_lora_(model)  # requantized below: what QAT bought for these weights is partly lost
@@ -101,6 +118,18 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _rotations_file(path: str | None, model) -> Rotations | None:
+    """``--qat-rotations``' R1/R2 (and R4 flag), refused before any work if they do not fit ``model``."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise QuantkitError(f"--qat-rotations {path}: no such file (quantkit spinquant writes "
+                            "OUTPUT.rotations.safetensors beside its checkpoint)")
+    rotations, _meta = Rotations.load(Path(path))
+    rotations.check(model, path)
+    return rotations
 
 
 def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str, torch.Tensor]:
@@ -242,17 +271,72 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
     return {"loss": losses, "perplexity": _perplexity(model, data, config, f"ppl after {name}")}
 
 
-def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Path) -> dict:
+def _lora_stage(model, adapters: dict, float_weights: dict | None, data: _Data, config: QLoRAConfig,
+                progress: Path, teacher) -> dict:
+    if float_weights is not None:  # LoRAInit.ERROR (a resumed stage reloads its step checkpoint over it)
+        _init_adapters_from_error(model, float_weights, data, config)
+    return _sft_stage("lora", model, adapters, config.lora, data, config, progress, teacher)
+
+
+@torch.no_grad()
+def _init_adapters_from_error(model, float_weights: dict[str, torch.Tensor], data: _Data,
+                              config: QLoRAConfig) -> None:
+    """Each adapter := what its int4 base lost, best at rank r for its inputs (``lora.init_from_error_``).
+
+    The inputs are the adapters' own (the unquantized ``x`` the side path sees) on calibration
+    windows through the stage-1 model; an R4 base multiplies ``H x``, so its error is mapped back.
+    """
+    wrappers = lora_modules(model)
+    grams: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, K]
+            grams[name] = grams.get(name, 0) + x.T @ x  # [K, K]
+        return hook
+
+    handles = [w.register_forward_pre_hook(accumulate(n)) for n, w in wrappers.items()]
+    ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples)  # [n, L]
+    model.eval()
+    with progress_bar("LoRA init (windows)", len(ids)) as advance:
+        for row in ids:
+            model(row[None])
+            advance()
+    for handle in handles:
+        handle.remove()
+    for name, wrapper in wrappers.items():
+        base = wrapper.base
+        if not isinstance(base, QATLinear):  # left float by the scheme: nothing lost, B stays 0
+            continue
+        lost = float_weights[name] - base.fake_quantized_weight()  # [N, K], acting on what the base multiplies
+        if base.input_transform is InputTransform.HADAMARD:  # the base multiplies H x: as a map of x, lost H
+            lost = lost @ hadamard(torch.eye(base.in_features)).T
+        init_from_error_(wrapper, lost, grams.pop(name))
+
+
+def _block_weights(model) -> dict[str, torch.Tensor]:
+    """The weight of every block linear (the ones LoRA wraps), by module name."""
+    return {n: model.get_submodule(n).weight for n in block_linear_names(model)}
+
+
+def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Path, teacher) -> dict:
     cfg = config.dpo
     steps_rows = [batch_indices(data.n_train_pairs, cfg.batch_size, s, config.seed) for s in range(cfg.steps)]
     ref = _reference(work / "dpo-reference.safetensors", model, data, sorted({i for r in steps_rows for i in r}), cfg)
     before = preference_metrics(ref["heldout_chosen"], ref["heldout_rejected"], ref["heldout_chosen"],
                                 ref["heldout_rejected"], cfg.beta)  # the policy starts as the reference
 
+    kd_text = config.lora.calibration or "wikitext2"  # the stage-2 model's own distillation text
+    windows = data.calibration_windows(kd_text, cfg.steps) if cfg.kd_weight else []  # one per step
+
     def loss(step: int) -> torch.Tensor:
         rows = steps_rows[step]
         pc, pr = pair_logps(model, [data.train_pair(i) for i in rows], data.pad_id)
-        return dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
+        value = dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
+        if cfg.kd_weight:
+            kd = stage_loss(model, collate([windows[step]], data.pad_id), StageLoss.KD, teacher)
+            value = value + cfg.kd_weight * kd
+        return value
 
     model.train()
     params = dict(model.named_parameters())

@@ -59,6 +59,34 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
+@torch.no_grad()
+def init_from_error_(wrapper: LoRALinear, error: torch.Tensor, gram: torch.Tensor | None = None,
+                     damp: float = 0.01) -> None:
+    """Start the adapter at the best rank-r approximation of ``error`` ``[N, K]`` (LoftQ's init).
+
+    ``(alpha / r) B A`` then stands in for what the base's quantized weight lost (``error`` = float
+    weight minus quantized weight, as a map of the adapter's input ``x``). With ``gram`` ``[K, K]``
+    (``Σ x xᵀ`` over calibration tokens) the approximation is the best in the norm that outputs
+    see, ``‖(E − BA) X‖``: the SVD of ``E G^½``, mapped back by ``G^-½`` (``damp`` times the mean
+    diagonal is added to ``G`` first, as GPTQ does). Without it, the best in the Frobenius norm.
+    """
+    r, e = wrapper.rank, error.double()
+    back = None
+    if gram is not None:
+        g = gram.double()
+        g = g + damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        ev, v = torch.linalg.eigh(g)  # G = V diag(ev) Vᵀ, ev > 0 after damping
+        e = e @ ((v * ev.sqrt()) @ v.T)  # E G^½
+        back = (v / ev.sqrt()) @ v.T  # G^-½
+    u, sig, vt = torch.linalg.svd(e, full_matrices=False)
+    b = u[:, :r] * sig[:r].sqrt()  # [N, r]
+    a = sig[:r].sqrt()[:, None] * vt[:r]  # [r, K]
+    if back is not None:
+        a = a @ back
+    wrapper.lora_B.copy_(b / wrapper.scaling)
+    wrapper.lora_A.copy_(a)
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, names: list[str] | None = None,
              dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every linear of every transformer block (or ``names``) in ``LoRALinear``; returns the names."""

@@ -26,7 +26,8 @@ import logging
 import torch
 from torch import nn
 
-from quantkit.modules import Kind, Plan, plan_for, quantize_, untie_embeddings
+from quantkit.kernels import hadamard
+from quantkit.modules import InputTransform, Kind, Plan, plan_for, quantize_, untie_embeddings
 from quantkit.primitives import MIN_SCALE, choose_scales, fake_quantize, fake_quantize_learned, quantize
 from quantkit.scheme import Scheme, WeightClip
 
@@ -42,6 +43,9 @@ class QATLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_bits, self.group_size, self.act_bits = weight_bits, group_size, act_bits
         self.scale_dtype, self.weight_clip = scale_dtype, weight_clip
+        # SpinQuant's R4 before down_proj: H folded into the weight, applied to x here as the packed
+        # Int4Linear applies it (an unmerged LoRA adapter around this module still sees x itself)
+        self.input_transform = InputTransform.NONE
         self.register_parameter("weight_scale", None)  # learn_scales() makes the group scales a parameter
 
     @classmethod
@@ -71,23 +75,28 @@ class QATLinear(nn.Linear):
         return choose_scales(self.weight.detach(), self.weight_bits, self.group_size, self.scale_dtype,
                              self.weight_clip)
 
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """The weight ``[N, K]`` (float32) the forward multiplies by: on the int grid, STE gradients."""
+        if self.weight_scale is None:
+            return fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype,
+                                 self.weight_clip)
+        return fake_quantize_learned(self.weight, self.weight_scale, self.weight_bits, self.group_size,
+                                     self.scale_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is InputTransform.HADAMARD:
+            x = hadamard(x)  # [..., K]: x Hᵀ / sqrt(K) in x's dtype, as the packed linear transforms it
         xf = x.float()
         xq = xf if self.act_bits is None else fake_quantize(xf, self.act_bits, None)  # [..., K] per token
-        if self.weight_scale is None:
-            wq = fake_quantize(self.weight.float(), self.weight_bits, self.group_size, self.scale_dtype,
-                               self.weight_clip)  # [N, K]
-        else:
-            wq = fake_quantize_learned(self.weight, self.weight_scale, self.weight_bits, self.group_size,
-                                       self.scale_dtype)  # [N, K]
-        out = nn.functional.linear(xq, wq)
+        out = nn.functional.linear(xq, self.fake_quantized_weight())
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight_bits={self.weight_bits}, group_size={self.group_size}, "
-                f"act_bits={self.act_bits}")
+                f"act_bits={self.act_bits}"
+                + ("" if self.input_transform is InputTransform.NONE else f", input_transform={self.input_transform.value}"))
 
 
 class QATEmbedding(nn.Embedding):
@@ -173,7 +182,8 @@ def convert_qat(model: nn.Module, scheme: Scheme) -> Plan:
     def codes(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize(weight, scales[name], scheme.linear_bits, scheme.group_size), scales[name]
 
-    plan = quantize_(model, scheme, codes)
+    transforms = {name: mod.input_transform for name, mod in model.named_modules() if isinstance(mod, QATLinear)}
+    plan = quantize_(model, scheme, codes, input_transforms=transforms)
     for name, wrapper in wrappers.items():  # rewrap around the packed linear
         wrapper.base = model.get_submodule(name)
         _set_submodule(model, name, wrapper)
