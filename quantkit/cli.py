@@ -181,8 +181,8 @@ NO_CALIBRATION = "none"
 @click.option("--dpo-kd-weight", type=float, default=None,
               help="Add this times the distillation loss (as --qat-loss kd) on one window of --lora-calibration's "
                    "set (wikitext2 when stage 2 trains on the SFT data) to every DPO step, so that DPO costs "
-                   "less WikiText perplexity (like InstructGPT's pretraining mix). 0 turns it off; the full "
-                   "preset uses 0.")
+                   "less WikiText perplexity (like InstructGPT's pretraining mix). 0 turns it off. The cpu "
+                   "preset uses 1, the full preset 0.")
 @click.option("--heldout-pairs", type=int, default=None,
               help="Preference pairs held out of DPO training and scored before and after it.")
 @click.option("--batch-size", type=int, default=None,

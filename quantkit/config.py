@@ -190,7 +190,8 @@ class QLoRAConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether a stage distills from the float starting model (kept as a frozen copy)."""
-        return self.qat.loss.needs_teacher or self.lora.loss.needs_teacher or self.dpo.kd_weight > 0
+        return (self.qat.loss.needs_teacher or self.lora.loss.needs_teacher
+                or (self.dpo.kd_weight > 0 and self.dpo.steps > 0))
 
     @classmethod
     def preset(cls, preset: Preset, output: Path, **overrides) -> QLoRAConfig:
@@ -212,8 +213,9 @@ class QLoRAConfig:
                        # orca-dpo: HH-RLHF harmless pairs stay at chance for a 135M model whatever DPO
                        # does (README); 64 held-out pairs, since 32 move the accuracy in 3-point steps.
                        # Small steps: the rotated weights (norm gains fused in) are ~5x smaller, so an
-                       # AdamW step moves them ~5x more; lr 3e-5 cost 2 perplexity points (README)
-                       DPOStageConfig(steps=40, lr=5e-6, batch_size=1, beta=0.1, heldout_pairs=64),
+                       # AdamW step moves them ~5x more; lr 3e-5 cost 2 perplexity points (README). Each
+                       # step also distills the float model on a window (5e-6 left accuracy unmoved)
+                       DPOStageConfig(steps=40, lr=1e-5, batch_size=1, beta=0.1, heldout_pairs=64, kd_weight=1.0),
                        seq_len=256, eval_windows=2, eval_seq_len=512, save_every=10, pref_data="orca-dpo",
                        scheme=Scheme(weight_clip=QLORA_WEIGHT_CLIP[Preset.CPU]))
         else:

@@ -99,7 +99,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     report["lora"] = run_stage(work, "lora", model, lambda progress: _lora_stage(
         model, adapters, float_weights, data, config, progress, teacher))
     float_weights = None
-    if not config.dpo.kd_weight:
+    if not (config.dpo.kd_weight and config.dpo.steps):
         teacher = None  # DPO has its own (stage-2) reference; free the copy
 
     model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
@@ -327,7 +327,7 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
                                 ref["heldout_rejected"], cfg.beta)  # the policy starts as the reference
 
     kd_text = config.lora.calibration or "wikitext2"  # the stage-2 model's own distillation text
-    windows = data.calibration_windows(kd_text, cfg.steps) if cfg.kd_weight else []  # one per step
+    windows = data.calibration_windows(kd_text, cfg.steps) if cfg.kd_weight and cfg.steps else []  # one a step
 
     def loss(step: int) -> torch.Tensor:
         rows = steps_rows[step]
