@@ -138,22 +138,21 @@ def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str,
     Calibrates on ``--qat-init-samples`` windows of the QAT stage's calibration set (wikitext2
     when it trains on instruction data); the result is kept in ``path`` for a resumed run.
     """
-    linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}  # the block linears
+    weights = _block_weights(model)
     if not path.is_file():
         scheme, stage = config.scheme, config.qat
         ids = data.calibration_ids(stage.calibration or "wikitext2", stage.init_samples)  # [n, seq_len]
         with progress_bar("GPTQ init (layers)", len(model.model.layers)) as advance:
             scales = gptq_model_(model, ids, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
                                  scheme.weight_clip, on_layer=lambda _i: advance())
-        tensors = {**{f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()},
+        tensors = {**{f"{n}.weight": w.detach().contiguous() for n, w in weights.items()},
                    **{f"{n}.scales": s for n, s in scales.items()}}
         atomic_file(lambda tmp: save_file(tensors, str(tmp)), path)  # exact values: a resumed run starts alike
         return scales
     saved = load_file(str(path))
     with torch.no_grad():
-        for n, m in linears.items():
-            m.weight.copy_(saved[f"{n}.weight"])
+        for n, w in weights.items():
+            w.copy_(saved[f"{n}.weight"])
     return {k.removesuffix(".scales"): v for k, v in saved.items() if k.endswith(".scales")}
 
 
@@ -300,7 +299,7 @@ def _init_adapters_from_error(model, float_weights: dict[str, torch.Tensor], dat
     model.eval()
     with progress_bar("LoRA init (windows)", len(ids)) as advance:
         for row in ids:
-            model(row[None])
+            model.model(input_ids=row[None])  # the blocks only: the adapters' inputs, no head
             advance()
     for handle in handles:
         handle.remove()
