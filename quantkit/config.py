@@ -100,6 +100,9 @@ class QATStageConfig:
     rotations: str | None = None
     init: QATInit = QATInit.RTN
     init_samples: int = 32  # GPTQ init: calibration windows of seq_len (from `calibration`, else wikitext2)
+    # each int4 linear's lr scaled by its group scales' median over the model's (qat.grid_lr_ratios):
+    # every layer then moves by the same fraction of its int4 grid step
+    grid_lr: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))  # strings from JSON / the CLI
@@ -143,6 +146,10 @@ class DPOStageConfig:
     # each step also distills the float starting model on one calibration window, weighted so (the
     # pretraining mix of InstructGPT's PPO-ptx): DPO then costs less of the language model's quality
     kd_weight: float = 0.0  # its windows: the LoRA stage's calibration set, else wikitext2
+    # the backbone's (QAT weights, scales, norms, head, embedding) lr as a multiple of the adapters': both
+    # are trained, but a backbone step can flip int4 codes, which costs more of the model than it buys
+    backbone_lr_ratio: float = 1.0
+    grid_lr: bool = False  # the backbone's int4 linears at grid-relative lr ratios, as QATStageConfig.grid_lr
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,9 @@ class QLoRAConfig:
             raise QuantkitError(f"--lora-rank must be at least 1, got {self.lora.rank}")
         if self.dpo.kd_weight < 0:
             raise QuantkitError(f"--dpo-kd-weight must be >= 0, got {self.dpo.kd_weight}")
+        if self.dpo.backbone_lr_ratio <= 0:
+            raise QuantkitError(f"--dpo-backbone-lr-ratio must be > 0 (DPO trains the backbone too), "
+                                f"got {self.dpo.backbone_lr_ratio}")
         if self.dpo.beta <= 0 or self.dpo.heldout_pairs < 1:
             raise QuantkitError(f"--dpo-beta must be > 0 and --heldout-pairs >= 1 "
                                 f"(got {self.dpo.beta}, {self.dpo.heldout_pairs})")

@@ -8,8 +8,8 @@ from quantkit.primitives import choose_scales, quantize_dequantize
 from quantkit.scheme import Scheme, WeightClip
 from quantkit.training.loops import train
 from quantkit.training.lora import add_lora, lora_parameters
-from quantkit.training.qat import (SCALE_LR_RATIO, QATEmbedding, QATLinear, convert_qat, prepare_qat,
-                                   scale_lr_ratios)
+from quantkit.training.qat import (SCALE_LR_RATIO, QATEmbedding, QATLinear, convert_qat, grid_lr_ratios,
+                                   prepare_qat, scale_lr_ratios)
 from quantkit.training.records import Tokenized, collate
 from quantkit.training.sft import sft_loss
 
@@ -123,6 +123,30 @@ def test_one_qat_step_with_learned_scales_moves_them_at_a_tenth_of_the_lr(tiny, 
     # Adam's first step moves every parameter with a gradient by about lr (times its ratio).
     assert (scale - s0).abs().max().item() == pytest.approx(1e-4, rel=0.05)
     assert (weight - w0).abs().max().item() == pytest.approx(1e-3, rel=0.05)
+
+
+def test_grid_lr_moves_every_int4_linear_by_the_same_share_of_its_grid_step(tiny, tmp_path):
+    tiny.float()
+    with torch.no_grad():  # grid steps 30x apart, as a rotated model's v_proj and down_proj
+        tiny.model.layers[0].self_attn.v_proj.weight.mul_(0.1)
+        tiny.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    prepare_qat(tiny, Scheme(), learn_scales=True)
+    linears = {n: m for n, m in tiny.named_modules() if isinstance(m, QATLinear) and m.group_size is not None}
+    medians = {n: m.scales().float().median().item() for n, m in linears.items()}
+    ratios = grid_lr_ratios(tiny)
+    assert set(ratios) == {f"{n}.{p}" for n in linears for p in ("weight", "weight_scale")}
+    assert ratios["model.layers.1.mlp.down_proj.weight"] / ratios["model.layers.0.self_attn.v_proj.weight"] \
+        == pytest.approx(medians["model.layers.1.mlp.down_proj"] / medians["model.layers.0.self_attn.v_proj"])
+    for n in linears:
+        assert ratios[f"{n}.weight_scale"] == pytest.approx(SCALE_LR_RATIO * ratios[f"{n}.weight"])
+    params = dict(tiny.named_parameters())
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    batch = _batch()
+    train("qat", params, 1, 1e-3, lambda step: sft_loss(tiny, batch), tmp_path / "p", 10, ratios)
+    # Adam's first step moves each weight by lr x its ratio: the same share of every linear's grid step.
+    shares = [(m.weight - before[n]).abs().max().item() / medians[n] for n, m in linears.items()]
+    assert max(shares) == pytest.approx(min(shares), rel=0.05)
+    assert max(medians.values()) > 20 * min(medians.values())  # without the ratios the shares differ as much
 
 
 def test_embedding_gradient_reaches_only_used_rows():

@@ -21,7 +21,7 @@ from quantkit.training import loops
 from quantkit.primitives import dequantize, quantize
 from quantkit.scheme import Scheme
 from quantkit.training.lora import LoRALinear, add_lora
-from quantkit.training.qat import QATLinear, convert_qat, prepare_qat
+from quantkit.training.qat import QATLinear, convert_qat, grid_lr_ratios, prepare_qat
 
 
 @pytest.fixture(autouse=True)
@@ -72,10 +72,12 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path, data_dir, monkeypatch):
-    run_qlora(_config(tiny_dir, tmp_path / "a", data_dir))
+    # per-parameter lr ratios too: read from the model as each stage starts, so a resumed stage uses the same
+    lr_options = dict(qat_grid_lr=True, dpo_grid_lr=True, dpo_backbone_lr_ratio=0.5)
+    run_qlora(_config(tiny_dir, tmp_path / "a", data_dir, **lr_options))
 
     real_save = loops.save_progress
-    interrupt_in = ["lora.progress", "dpo.progress"]  # crash right after the first step checkpoint of each
+    interrupt_in = ["qat.progress", "lora.progress", "dpo.progress"]  # crash after each's first step checkpoint
 
     def crashing_save(progress_dir, *args):
         real_save(progress_dir, *args)
@@ -84,13 +86,16 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loops, "save_progress", crashing_save)
-    config = _config(tiny_dir, tmp_path / "b", data_dir)
+    config = _config(tiny_dir, tmp_path / "b", data_dir, **lr_options)
     with pytest.raises(KeyboardInterrupt):
         run_qlora(config)
     work = tmp_path / "b.stages"
+    assert (work / "qat.progress" / "progress.json").is_file() and not (work / "qat").exists()
+    with pytest.raises(KeyboardInterrupt):
+        run_qlora(config)
     assert (work / "qat" / "stage.json").is_file() and (work / "lora.progress" / "progress.json").is_file()
     with pytest.raises(QuantkitError, match="other settings"):  # resuming needs the same settings
-        run_qlora(_config(tiny_dir, tmp_path / "b", data_dir, lora_lr=5e-4))
+        run_qlora(_config(tiny_dir, tmp_path / "b", data_dir, lora_lr=5e-4, **lr_options))
     with pytest.raises(KeyboardInterrupt):
         run_qlora(config)
     assert (work / "lora" / "stage.json").is_file() and (work / "dpo.progress" / "progress.json").is_file()
@@ -229,6 +234,23 @@ def test_dpo_kd_weight_adds_the_distillation_term_to_each_step(tiny_dir, tmp_pat
     assert abs((first[2.0] - first[1.0]) - kd) < 1e-4 * max(1.0, kd)
 
 
+def test_dpo_lr_ratios_train_the_backbone_slower_and_by_its_grid(tiny):
+    tiny.float()
+    prepare_qat(tiny, Scheme(), learn_scales=True)
+    add_lora(tiny, 4, 8.0)
+    params = dict(tiny.named_parameters())
+    plain = qlora_pipeline._lr_ratios(tiny, params, grid_lr=False, backbone=1.0)
+    assert {plain[n] for n in params if not n.endswith("weight_scale")} == {1.0}  # one lr, scales a tenth
+    ratios = qlora_pipeline._lr_ratios(tiny, params, grid_lr=True, backbone=0.25)
+    adapters = [n for n in params if "lora_" in n]
+    assert adapters and all(ratios[n] == 1.0 for n in adapters)
+    grid = grid_lr_ratios(tiny)
+    for n in params:
+        if "lora_" not in n:  # norms, head and embedding at the backbone ratio; int4 linears by their grid too
+            assert ratios[n] == pytest.approx(0.25 * grid.get(n, 1.0)), n
+    assert len({round(ratios[n], 6) for n in grid}) > 2
+
+
 def test_error_init_of_full_rank_adapters_restores_the_float_linears_under_r4(tiny_dir, tmp_path, data_dir):
     rot_file = _rotations_file(tiny_dir, tmp_path / "rot.safetensors")
     config = _config(tiny_dir, tmp_path / "q", data_dir, qat_rotations=str(rot_file), lora_init="error",
@@ -302,6 +324,7 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--qat-init-samples", "0"), "--qat-init-samples must be at least 1"),
     (("--dpo-kd-weight", "-1"), "--dpo-kd-weight must be >= 0"),
     (("--lora-init-samples", "0"), "--lora-init-samples must be at least 1"),
+    (("--dpo-backbone-lr-ratio", "0"), "--dpo-backbone-lr-ratio must be > 0"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(args, needle, tiny_dir, tmp_path, data_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')

@@ -47,7 +47,7 @@ from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
 from quantkit.training.lora import add_lora, check_rank, init_from_error_, lora_metadata, lora_modules, merge_lora_
-from quantkit.training.qat import QATLinear, convert_qat, prepare_qat, scale_lr_ratios
+from quantkit.training.qat import QATLinear, convert_qat, grid_lr_ratios, prepare_qat, scale_lr_ratios
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
 from quantkit.training.sft import StageLoss, stage_loss
 
@@ -90,7 +90,8 @@ def run_qlora(config: QLoRAConfig) -> Path:
     report["perplexity_qat_start"] = _cached_perplexity(work / "ppl-start.json", model, data, config,
                                                         f"ppl {config.qat.init.value} start")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
-        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher))
+        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher,
+        config.qat.grid_lr))
 
     model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained
     torch.manual_seed(config.seed)  # the adapters' A init: a resumed run must draw the same one
@@ -254,7 +255,7 @@ def _cached_perplexity(path: Path, model, data: _Data, config: QLoRAConfig, desc
 
 
 def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRAConfig, progress: Path,
-               teacher) -> dict:
+               teacher, grid_lr: bool = False) -> dict:
     if stage.calibration is None:  # instruction data, tokenized on demand
         n_rows, example = data.n_sft, data.sft_example
     else:  # one fresh window per sequence of the stage (raw text: every token is a target)
@@ -266,7 +267,8 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
         return stage_loss(model, collate([example(i) for i in rows], data.pad_id), stage.loss, teacher)
 
     model.train()
-    losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every, scale_lr_ratios(params))
+    ratios = _lr_ratios(model, params, grid_lr, 1.0)
+    losses = train(name, params, stage.steps, stage.lr, loss, progress, config.save_every, ratios)
     return {"loss": losses, "perplexity": _perplexity(model, data, config, f"ppl after {name}")}
 
 
@@ -339,12 +341,24 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
 
     model.train()
     params = dict(model.named_parameters())
-    losses = train("dpo", params, cfg.steps, cfg.lr, loss, progress, config.save_every, scale_lr_ratios(params))
+    ratios = _lr_ratios(model, params, cfg.grid_lr, cfg.backbone_lr_ratio)
+    losses = train("dpo", params, cfg.steps, cfg.lr, loss, progress, config.save_every, ratios)
     model.eval()
     pc, pr = reference_logps(model, data.heldout, data.pad_id, cfg.batch_size)  # the trained policy now
     after = preference_metrics(pc, pr, ref["heldout_chosen"], ref["heldout_rejected"], cfg.beta)
     return {"loss": losses, "perplexity": _perplexity(model, data, config, "ppl after dpo"),
             "heldout_before": before.to_dict(), "heldout_after": after.to_dict()}
+
+
+def _lr_ratios(model, params: dict, grid_lr: bool, backbone: float) -> dict[str, float]:
+    """Each parameter's lr as a multiple of the stage's: learned scales slower than weights, int4
+    linears by their grid step (``grid_lr``), and everything but the adapters times ``backbone``.
+
+    Read from the model as the stage starts (before a resumed stage reloads its step checkpoint),
+    so a resumed stage trains with the same ratios.
+    """
+    ratios = grid_lr_ratios(model) if grid_lr else scale_lr_ratios(params)
+    return {n: ratios.get(n, 1.0) * (1.0 if "lora_" in n else backbone) for n in params}
 
 
 def _reference(path: Path, model, data: _Data, rows: list[int], cfg) -> dict[str, torch.Tensor]:

@@ -162,6 +162,28 @@ def scale_lr_ratios(params: dict[str, nn.Parameter]) -> dict[str, float]:
     return {name: SCALE_LR_RATIO for name in params if name.endswith(".weight_scale")}
 
 
+def grid_lr_ratios(model: nn.Module) -> dict[str, float]:
+    """Per int4 linear, lr ratios that move every layer by the same fraction of its int4 grid step.
+
+    AdamW moves each weight by about the learning rate, whatever its gradient's size, and the
+    group scales (the grid steps) of a rotated Llama differ a hundredfold between layers (e.g.
+    SmolLM2's first v_proj against its down_projs): one learning rate then rewrites the small
+    layers' codes and leaves the large ones' unmoved. Each linear's ``weight`` (and ``weight_scale``,
+    on top of its :data:`SCALE_LR_RATIO`) gets ``median(its scales) / median over linears``; the
+    ratios are read from the scales at the call, so a stage computes them before it trains.
+    """
+    medians = {name: mod.scales().float().median().item() for name, mod in model.named_modules()
+               if isinstance(mod, QATLinear) and mod.group_size is not None}
+    if not medians:
+        return {}
+    ref = torch.tensor(list(medians.values())).median().item()
+    ratios = {}
+    for name, median in medians.items():
+        ratios[f"{name}.weight"] = median / ref
+        ratios[f"{name}.weight_scale"] = SCALE_LR_RATIO * median / ref
+    return ratios
+
+
 def convert_qat(model: nn.Module, scheme: Scheme) -> Plan:
     """Replace the QAT modules by packed ones: the trained weights on the grid QAT trained on.
 
