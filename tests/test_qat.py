@@ -9,7 +9,7 @@ from quantkit.scheme import Scheme, WeightClip
 from quantkit.training.loops import train
 from quantkit.training.lora import add_lora, lora_parameters
 from quantkit.training.qat import (SCALE_LR_RATIO, QATEmbedding, QATLinear, convert_qat, grid_lr_ratios,
-                                   prepare_qat, scale_lr_ratios)
+                                   prepare_qat, scale_lr_ratios, trainable_parameters)
 from quantkit.training.records import Tokenized, collate
 from quantkit.training.sft import sft_loss
 
@@ -178,6 +178,24 @@ def test_frozen_backbone_gets_no_gradient_and_adapters_do(tiny):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None and not p.requires_grad, name
+
+
+def test_training_leaves_the_norm_gains_the_checkpoint_rounds_to_bf16_frozen(tiny, tmp_path):
+    tiny.float()
+    prepare_qat(tiny, Scheme(), learn_scales=True)
+    add_lora(tiny, rank=4, alpha=8)
+    params = trainable_parameters(tiny)
+    everything = dict(tiny.named_parameters())
+    norms = {n for n in everything if n.endswith("norm.weight")}  # 2 per block and the final one
+    assert len(norms) == 2 * 2 + 1 and set(params) == set(everything) - norms
+    before = {n: p.detach().clone() for n, p in everything.items()}
+    batch = _batch()
+    train("qat", params, 1, 1e-2, lambda step: sft_loss(tiny, batch), tmp_path / "p", 10)
+    for n, p in everything.items():
+        if n in norms:  # untouched, so the released bf16 gains are the ones the int4 weights trained with
+            assert not p.requires_grad and torch.equal(p, before[n]), n
+        elif not n.endswith("lora_A"):  # A has no gradient while B is zero
+            assert not torch.equal(p, before[n]), n
 
 
 def test_one_qat_step_reduces_the_loss(tiny, tmp_path):

@@ -47,7 +47,8 @@ from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
 from quantkit.training.lora import add_lora, check_rank, init_from_error_, lora_metadata, lora_modules, merge_lora_
-from quantkit.training.qat import QATLinear, convert_qat, grid_lr_ratios, prepare_qat, scale_lr_ratios
+from quantkit.training.qat import (QATLinear, convert_qat, grid_lr_ratios, prepare_qat, scale_lr_ratios,
+                                   trainable_parameters)
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
 from quantkit.training.sft import StageLoss, stage_loss
 
@@ -90,7 +91,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     report["perplexity_qat_start"] = _cached_perplexity(work / "ppl-start.json", model, data, config,
                                                         f"ppl {config.qat.init.value} start")
     report["qat"] = run_stage(work, "qat", model, lambda progress: _sft_stage(
-        "qat", model, dict(model.named_parameters()), config.qat, data, config, progress, teacher,
+        "qat", model, trainable_parameters(model), config.qat, data, config, progress, teacher,
         config.qat.grid_lr))
 
     model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained
@@ -340,7 +341,7 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
         return value
 
     model.train()
-    params = dict(model.named_parameters())
+    params = trainable_parameters(model)
     ratios = _lr_ratios(model, params, cfg.grid_lr, cfg.backbone_lr_ratio)
     losses = train("dpo", params, cfg.steps, cfg.lr, loss, progress, config.save_every, ratios)
     model.eval()
