@@ -146,7 +146,7 @@ class DPOStageConfig:
     # each step also distills the float starting model on one calibration window, weighted so (the
     # pretraining mix of InstructGPT's PPO-ptx): DPO then costs less of the language model's quality
     kd_weight: float = 0.0  # its windows: the LoRA stage's calibration set, else wikitext2
-    # the backbone's (QAT weights, scales, norms, head, embedding) lr as a multiple of the adapters': both
+    # the backbone's (QAT weights, scales, head, embedding; norms stay frozen) lr as a multiple of the adapters': both
     # are trained, but a backbone step can flip int4 codes, which costs more of the model than it buys
     backbone_lr_ratio: float = 1.0
     grid_lr: bool = False  # the backbone's int4 linears at grid-relative lr ratios, as QATStageConfig.grid_lr
