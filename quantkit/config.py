@@ -103,6 +103,7 @@ class QATStageConfig:
     # each int4 linear's lr scaled by its group scales' median over the model's (qat.grid_lr_ratios):
     # every layer then moves by the same fraction of its int4 grid step
     grid_lr: bool = False
+    seq_len: int | None = None  # tokens per training sequence and GPTQ init window; None = the run's seq_len
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))  # strings from JSON / the CLI
@@ -126,6 +127,10 @@ class LoRAStageConfig:
     calibration: str | None = None
     init: LoRAInit = LoRAInit.ZERO
     init_samples: int = 32  # ERROR init: windows of seq_len weighting the error (`calibration`, else wikitext2)
+    # tokens per training sequence and init window (and DPO's distillation windows); None = the run's
+    # seq_len. Longer windows cost activation memory only: the backbone is frozen here, and DPO's
+    # pairs keep the run's (shorter) length
+    seq_len: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))
@@ -145,7 +150,7 @@ class DPOStageConfig:
     heldout_pairs: int = 64  # pairs kept out of training, scored before and after DPO
     # each step also distills the float starting model on one calibration window, weighted so (the
     # pretraining mix of InstructGPT's PPO-ptx): DPO then costs less of the language model's quality
-    kd_weight: float = 0.0  # its windows: the LoRA stage's calibration set, else wikitext2
+    kd_weight: float = 0.0  # its windows: the LoRA stage's calibration set (else wikitext2) and length
     # the backbone's (QAT weights, scales, head, embedding; norms stay frozen) lr as a multiple of the adapters': both
     # are trained, but a backbone step can flip int4 codes, which costs more of the model than it buys
     backbone_lr_ratio: float = 1.0
@@ -191,11 +196,18 @@ class QLoRAConfig:
                                 f"(got {self.dpo.beta}, {self.dpo.heldout_pairs})")
         if self.seq_len < 8 or self.eval_seq_len < 2 or self.eval_windows < 1 or self.save_every < 1:
             raise QuantkitError("--seq-len must be >= 8, --eval-seq-len >= 2, --eval-windows and --save-every >= 1")
+        for stage in ("qat", "lora"):
+            if getattr(self, stage).seq_len is not None and getattr(self, stage).seq_len < 8:
+                raise QuantkitError(f"--{stage}-seq-len must be >= 8, got {getattr(self, stage).seq_len}")
         from quantkit.data import calibration_set  # refuses unknown set names before any work
 
         for stage in (self.qat, self.lora):
             if stage.calibration is not None:
                 calibration_set(stage.calibration)
+
+    def stage_seq_len(self, stage: QATStageConfig | LoRAStageConfig) -> int:
+        """Tokens per sequence of ``stage``: its own ``seq_len``, else the run's."""
+        return self.seq_len if stage.seq_len is None else stage.seq_len
 
     @property
     def needs_teacher(self) -> bool:
@@ -219,9 +231,10 @@ class QLoRAConfig:
                        # a gentle LoRA step keeps what QAT won (lr 1e-3 gave it back; README), from the
                        # adapters that best make up for the int4 error (22.30 against 22.43 from B = 0).
                        # The adapters are what trains best here (QAT's STE barely moves GPTQ's codes):
-                       # rank 16 and 120 steps took the stage-2 model from 22.23 to 21.93 (README)
-                       LoRAStageConfig(steps=120, lr=1e-4, batch_size=1, rank=16, alpha=32.0, loss=StageLoss.KD,
-                                       calibration="wikitext2", init=LoRAInit.ERROR, init_samples=32),
+                       # rank 16 took the stage-2 model from 22.23 to 21.93 in 120 steps of 256 tokens, and
+                       # to 21.67 in 60 of 1024 (README: more steps or init windows of 256 did not do it)
+                       LoRAStageConfig(steps=60, lr=1e-4, batch_size=1, rank=16, alpha=32.0, loss=StageLoss.KD,
+                                       calibration="wikitext2", init=LoRAInit.ERROR, init_samples=32, seq_len=1024),
                        # orca-dpo: HH-RLHF harmless pairs stay at chance for a 135M model whatever DPO
                        # does (README); 64 held-out pairs, since 32 move the accuracy in 3-point steps.
                        # Small steps: the rotated weights (norm gains fused in) are ~5x smaller, so an

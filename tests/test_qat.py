@@ -1,8 +1,11 @@
 """QAT by module swap: the fake-quantized forward is the packed model's forward; STE gradients."""
 
+import copy
+
 import pytest
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.modules import InputTransform, Int4Linear, Int8Embedding, Int8Linear
 from quantkit.primitives import choose_scales, quantize_dequantize
 from quantkit.scheme import Scheme, WeightClip
@@ -205,3 +208,35 @@ def test_one_qat_step_reduces_the_loss(tiny, tmp_path):
     before = sft_loss(tiny, batch).item()
     train("qat", dict(tiny.named_parameters()), 1, 1e-3, lambda step: sft_loss(tiny, batch), tmp_path / "p", 10)
     assert sft_loss(tiny, batch).item() < before - 0.01
+
+
+def test_a_step_yielded_as_terms_equals_a_step_on_their_sum(tiny, tmp_path):
+    # DPO yields its two terms so that their graphs are never held at once; the step must not change
+    tiny.float()
+    prepare_qat(tiny, Scheme())
+    whole, split = tiny, copy.deepcopy(tiny)
+    first, second = _batch(), collate([Tokenized(list(range(30, 54)), 0)], pad_id=1)
+    summed = train("sum", dict(whole.named_parameters()), 2, 1e-3,
+                   lambda step: sft_loss(whole, first) + 2 * sft_loss(whole, second), tmp_path / "a", 10)
+
+    def terms(step: int):
+        yield sft_loss(split, first)
+        yield 2 * sft_loss(split, second)
+
+    yielded = train("terms", dict(split.named_parameters()), 2, 1e-3, terms, tmp_path / "b", 10)
+    assert yielded == pytest.approx(summed, rel=1e-5) and summed[1] < summed[0]
+    for (n, p), q in zip(whole.named_parameters(), split.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_a_nan_term_stops_the_step_before_any_update(tiny, tmp_path):
+    prepare_qat(tiny.float(), Scheme())
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+
+    def terms(step: int):
+        yield sft_loss(tiny, _batch())  # backpropagated: gradients, but no update yet
+        yield torch.tensor(float("nan"), requires_grad=True)
+
+    with pytest.raises(QuantkitError, match="the loss became nan at step 1"):
+        train("terms", dict(tiny.named_parameters()), 1, 1e-3, terms, tmp_path / "p", 10)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())

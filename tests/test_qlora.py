@@ -30,8 +30,8 @@ def _reference_kernel(monkeypatch):
 
 
 def _config(tiny_dir, out, data_dir, **overrides):
-    values = dict(model=str(tiny_dir), data_dir=data_dir, seq_len=48, eval_windows=1, eval_seq_len=32,
-                  save_every=1, qat_steps=2, lora_steps=2, dpo_steps=2, dpo_heldout_pairs=4, lora_rank=4,
+    values = dict(model=str(tiny_dir), data_dir=data_dir, seq_len=48, lora_seq_len=40, eval_windows=1,
+                  eval_seq_len=32, save_every=1, qat_steps=2, lora_steps=2, dpo_steps=2, dpo_heldout_pairs=4, lora_rank=4,
                   lora_alpha=8.0, qat_lr=1e-3)
     values.update(overrides)
     return QLoRAConfig.preset(Preset.CPU, out, **values)
@@ -46,7 +46,8 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     res = CliRunner().invoke(main, [str(a) for a in (
         "qlora", "--model", tiny_dir, "--output", out, "--preset", "cpu", "--data-dir", data_dir,
         "--qat-steps", 2, "--lora-steps", 2, "--dpo-steps", 2, "--lora-rank", 4, "--lora-alpha", 8,
-        "--dpo-beta", 0.2, "--heldout-pairs", 4, "--seq-len", 48, "--eval-windows", 1, "--eval-seq-len", 32)])
+        "--dpo-beta", 0.2, "--heldout-pairs", 4, "--seq-len", 48, "--lora-seq-len", 40, "--eval-windows", 1,
+        "--eval-seq-len", 32)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     loaded, meta = load_checkpoint(out)
     assert meta["pipeline"] == "qlora" and meta["method"] == "qat"
@@ -57,6 +58,8 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     # ... and starts QAT from GPTQ on the Hadamard-rotated model
     assert meta["config"]["qat"]["rotate"] and meta["config"]["qat"]["init"] == "gptq"
     assert meta["config"]["lora"]["init"] == "error"  # ... and LoRA from the int4 error's best rank-r fit
+    assert meta["config"]["seq_len"] == 48 and meta["config"]["lora"]["seq_len"] == 40
+    assert meta["config"]["qat"]["seq_len"] is None  # ... QAT at the run's length
     # ... and DPO distills the float model on the side, training the backbone slower than the adapters
     assert meta["config"]["dpo"]["kd_weight"] == 3.0 and meta["config"]["dpo"]["backbone_lr_ratio"] == 0.1
     q = loaded.model.model.layers[1].mlp.down_proj
@@ -235,6 +238,28 @@ def test_dpo_kd_weight_adds_the_distillation_term_to_each_step(tiny_dir, tmp_pat
     assert abs((first[2.0] - first[1.0]) - kd) < 1e-4 * max(1.0, kd)
 
 
+def test_each_stage_trains_and_inits_on_windows_of_its_own_length(tiny_dir, tmp_path, data_dir, monkeypatch):
+    seen = []  # (stage, window length) of every calibration read and every training batch
+
+    def calibration_tokens(tok, name, n, seq_len, *args):
+        seen.append(("read", seq_len))
+        return real_tokens(tok, name, n, seq_len, *args)
+
+    def stage_loss(model, batch, *args):
+        seen.append(("train", batch.input_ids.shape[1]))
+        return real_loss(model, batch, *args)
+
+    real_tokens, real_loss = qlora_pipeline.calibration_tokens, qlora_pipeline.stage_loss
+    monkeypatch.setattr(qlora_pipeline, "calibration_tokens", calibration_tokens)
+    monkeypatch.setattr(qlora_pipeline, "stage_loss", stage_loss)
+    run_qlora(_config(tiny_dir, tmp_path / "s", data_dir, qat_seq_len=24, lora_seq_len=40, seq_len=48,
+                      qat_steps=1, lora_steps=2, dpo_steps=1, dpo_kd_weight=1.0))
+    # GPTQ init and QAT at 24; LoRA's init windows and its 2 steps at 40; DPO's distillation window at
+    # LoRA's 40 too (the stage-2 model's own text), while its pairs are cut at the run's 48
+    assert seen == [("read", 24), ("read", 24), ("train", 24), ("read", 40), ("read", 40), ("train", 40),
+                    ("train", 40), ("read", 40), ("train", 40)]
+
+
 def test_dpo_lr_ratios_train_the_backbone_slower_and_by_its_grid(tiny):
     tiny.float()
     prepare_qat(tiny, Scheme(), learn_scales=True)
@@ -325,6 +350,8 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--qat-init-samples", "0"), "--qat-init-samples must be at least 1"),
     (("--dpo-kd-weight", "-1"), "--dpo-kd-weight must be >= 0"),
     (("--lora-init-samples", "0"), "--lora-init-samples must be at least 1"),
+    (("--lora-seq-len", "4"), "--lora-seq-len must be >= 8"),
+    (("--qat-seq-len", "7"), "--qat-seq-len must be >= 8"),
     (("--dpo-backbone-lr-ratio", "0"), "--dpo-backbone-lr-ratio must be > 0"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(args, needle, tiny_dir, tmp_path, data_dir):

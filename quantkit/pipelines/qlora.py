@@ -143,7 +143,8 @@ def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str,
     weights = _block_weights(model)
     if not path.is_file():
         scheme, stage = config.scheme, config.qat
-        ids = data.calibration_ids(stage.calibration or "wikitext2", stage.init_samples)  # [n, seq_len]
+        ids = data.calibration_ids(stage.calibration or "wikitext2", stage.init_samples,
+                                   config.stage_seq_len(stage))  # [n, seq_len]
         with progress_bar("GPTQ init (layers)", len(model.model.layers)) as advance:
             scales = gptq_model_(model, ids, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
                                  scheme.weight_clip, on_layer=lambda _i: advance())
@@ -170,6 +171,7 @@ class _Data:
                                 f"--heldout-pairs + 1 = {n_heldout + 1} are needed")
         # Held out: a seeded random slice, never trained on.
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        # the pairs' length is the run's seq_len; the SFT stages pass their own (QLoRAConfig.stage_seq_len)
         self._tok, self._seq_len, self._seed, self._data_dir = tok, config.seq_len, config.seed, config.data_dir
         self._train_pairs = [pairs[i] for i in order[n_heldout:]]
         self.heldout = [self._tokenized(pairs[i]) for i in order[:n_heldout]]
@@ -181,17 +183,17 @@ class _Data:
     def n_sft(self) -> int:
         return len(self._sft)
 
-    def sft_example(self, i: int):
+    def sft_example(self, i: int, seq_len: int):
         record = self._sft[i]
-        return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], self._seq_len)
+        return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], seq_len)
 
-    def calibration_ids(self, name: str, n: int) -> torch.Tensor:
+    def calibration_ids(self, name: str, n: int, seq_len: int) -> torch.Tensor:
         """``n`` seeded windows ``[n, seq_len]`` of calibration set ``name``."""
-        return calibration_tokens(self._tok, name, n, self._seq_len, self._seed, self._data_dir)
+        return calibration_tokens(self._tok, name, n, seq_len, self._seed, self._data_dir)
 
-    def calibration_windows(self, name: str, n: int) -> list[Tokenized]:
+    def calibration_windows(self, name: str, n: int, seq_len: int) -> list[Tokenized]:
         """:meth:`calibration_ids` as training rows, every token a target."""
-        return [Tokenized(row.tolist(), 0) for row in self.calibration_ids(name, n)]
+        return [Tokenized(row.tolist(), 0) for row in self.calibration_ids(name, n, seq_len)]
 
     @property
     def n_train_pairs(self) -> int:
@@ -257,10 +259,11 @@ def _cached_perplexity(path: Path, model, data: _Data, config: QLoRAConfig, desc
 
 def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRAConfig, progress: Path,
                teacher, grid_lr: bool = False) -> dict:
+    seq_len = config.stage_seq_len(stage)
     if stage.calibration is None:  # instruction data, tokenized on demand
-        n_rows, example = data.n_sft, data.sft_example
+        n_rows, example = data.n_sft, lambda i: data.sft_example(i, seq_len)
     else:  # one fresh window per sequence of the stage (raw text: every token is a target)
-        windows = data.calibration_windows(stage.calibration, max(1, stage.steps * stage.batch_size))
+        windows = data.calibration_windows(stage.calibration, max(1, stage.steps * stage.batch_size), seq_len)
         n_rows, example = len(windows), windows.__getitem__
 
     def loss(step: int) -> torch.Tensor:
@@ -298,7 +301,8 @@ def _init_adapters_from_error(model, float_weights: dict[str, torch.Tensor], dat
         return hook
 
     handles = [w.register_forward_pre_hook(accumulate(n)) for n, w in wrappers.items()]
-    ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples)  # [n, L]
+    ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples,
+                               config.stage_seq_len(config.lora))  # [n, L]
     model.eval()
     with progress_bar("LoRA init (windows)", len(ids)) as advance:
         for row in ids:
@@ -328,17 +332,16 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
     before = preference_metrics(ref["heldout_chosen"], ref["heldout_rejected"], ref["heldout_chosen"],
                                 ref["heldout_rejected"], cfg.beta)  # the policy starts as the reference
 
-    kd_text = config.lora.calibration or "wikitext2"  # the stage-2 model's own distillation text
-    windows = data.calibration_windows(kd_text, cfg.steps) if cfg.kd_weight and cfg.steps else []  # one a step
+    # the stage-2 model's own distillation text and window length, one window a step
+    kd_text, kd_len = config.lora.calibration or "wikitext2", config.stage_seq_len(config.lora)
+    windows = data.calibration_windows(kd_text, cfg.steps, kd_len) if cfg.kd_weight and cfg.steps else []
 
-    def loss(step: int) -> torch.Tensor:
+    def loss(step: int):  # two terms, backpropagated one after the other (loops.train): half the peak memory
         rows = steps_rows[step]
         pc, pr = pair_logps(model, [data.train_pair(i) for i in rows], data.pad_id)
-        value = dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
+        yield dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
         if cfg.kd_weight:
-            kd = stage_loss(model, collate([windows[step]], data.pad_id), StageLoss.KD, teacher)
-            value = value + cfg.kd_weight * kd
-        return value
+            yield cfg.kd_weight * stage_loss(model, collate([windows[step]], data.pad_id), StageLoss.KD, teacher)
 
     model.train()
     params = trainable_parameters(model)

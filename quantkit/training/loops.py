@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -52,9 +52,13 @@ def lr_factor(step: int, steps: int) -> float:
 
 
 def train(name: str, params: dict[str, nn.Parameter], steps: int, lr: float,
-          loss_fn: Callable[[int], torch.Tensor], progress_dir: Path, save_every: int,
+          loss_fn: Callable[[int], torch.Tensor | Iterable[torch.Tensor]], progress_dir: Path, save_every: int,
           lr_ratios: dict[str, float] | None = None) -> list[float]:
     """Run AdamW on ``params`` for ``steps`` steps of ``loss_fn(step)``; returns the loss per step.
+
+    ``loss_fn`` returns the step's loss, or yields it as terms (a generator): each term is
+    backpropagated before the next is computed, so the step's peak memory is its largest term's
+    graph, not all of them at once. The step's loss is their sum.
 
     ``lr_ratios`` gives some parameters (by name) a multiple of ``lr`` (learned quantization
     scales train slower than weights). Resumes from ``progress_dir`` when a step checkpoint is
@@ -75,17 +79,20 @@ def train(name: str, params: dict[str, nn.Parameter], steps: int, lr: float,
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["ratio"] * lr_factor(step, steps)
-            loss = loss_fn(step)
-            if not torch.isfinite(loss):
-                raise QuantkitError(
-                    f"stage {name}: the loss became {loss.item()} at step {step + 1}; stopped. Finished stages "
-                    f"(and this stage's last step checkpoint) are kept in {progress_dir.parent}: lower this "
-                    "stage's learning rate and rerun to resume from them")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms = loss_fn(step)
+            loss = 0.0
+            for term in [terms] if isinstance(terms, torch.Tensor) else terms:
+                if not torch.isfinite(term):  # before any update: nothing NaN reaches the weights
+                    raise QuantkitError(
+                        f"stage {name}: the loss became {term.item()} at step {step + 1}; stopped. Finished "
+                        f"stages (and this stage's last step checkpoint) are kept in {progress_dir.parent}: "
+                        "lower this stage's learning rate and rerun to resume from them")
+                term.backward()  # frees this term's graph before the next term's forward
+                loss += term.item()
             torch.nn.utils.clip_grad_norm_(list(params.values()), MAX_GRAD_NORM)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss)
             log.info("%s step %d/%d loss %.4f", name, step + 1, steps, losses[-1])
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
             if (step + 1) % save_every == 0 and step + 1 < steps:
