@@ -195,7 +195,7 @@ NO_CALIBRATION = "none"
                    "length (--lora-calibration's set, wikitext2 when stage 2 trains on the SFT data; --lora-seq-len) "
                    "to every DPO step, so that DPO costs "
                    "less WikiText perplexity (like InstructGPT's pretraining mix). 0 turns it off. The cpu "
-                   "preset uses 3, the full preset 0.")
+                   "preset uses 10, the full preset 0.")
 @click.option("--dpo-backbone-lr-ratio", type=float, default=None,
               help="Stage 3 learning rate of the backbone (QAT weights and scales, head, embedding) as a "
                    "multiple of the adapters' (--dpo-lr). Both are trained; a smaller ratio moves the int4 codes "
