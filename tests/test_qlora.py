@@ -31,8 +31,8 @@ def _reference_kernel(monkeypatch):
 
 def _config(tiny_dir, out, data_dir, **overrides):
     values = dict(model=str(tiny_dir), data_dir=data_dir, seq_len=48, lora_seq_len=40, eval_windows=1,
-                  eval_seq_len=32, save_every=1, qat_steps=2, lora_steps=2, dpo_steps=2, dpo_heldout_pairs=4, lora_rank=4,
-                  lora_alpha=8.0, qat_lr=1e-3)
+                  eval_seq_len=32, save_every=1, qat_steps=2, lora_steps=2, dpo_steps=2, dpo_heldout_pairs=4,
+                  lora_rank=4, lora_alpha=8.0, qat_lr=1e-3)
     values.update(overrides)
     return QLoRAConfig.preset(Preset.CPU, out, **values)
 

@@ -336,7 +336,7 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
     kd_text, kd_len = config.lora.calibration or "wikitext2", config.stage_seq_len(config.lora)
     windows = data.calibration_windows(kd_text, cfg.steps, kd_len) if cfg.kd_weight and cfg.steps else []
 
-    def loss(step: int):  # two terms, backpropagated one after the other (loops.train): half the peak memory
+    def loss(step: int):  # two terms, backpropagated in turn (loops.train): the peak is one graph, not both
         rows = steps_rows[step]
         pc, pr = pair_logps(model, [data.train_pair(i) for i in rows], data.pad_id)
         yield dpo_loss(pc, pr, ref["train_chosen"][rows], ref["train_rejected"][rows], cfg.beta)[0]
