@@ -157,7 +157,8 @@ def calibration_tokens(tokenizer, set_name: str, n: int, seq_len: int, seed: int
     ids = encode(tokenizer, "\n\n".join(texts))
     if len(ids) <= seq_len:
         raise QuantkitError(f"calibration set {set_name!r} has {len(ids)} tokens, fewer than one window "
-                            f"of {seq_len}; use a shorter --seq-len")
+                            f"of {seq_len}; use shorter windows (--seq-len, or qlora's --qat-seq-len / "
+                            f"--lora-seq-len for a stage's own) or a larger calibration set")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len, (n,), generator=gen)
     windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
