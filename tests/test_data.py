@@ -41,6 +41,16 @@ def test_calibration_tokens_are_seeded_and_cached(data_dir, tmp_path, monkeypatc
     assert tok.decode(a[0]) in text
 
 
+def test_too_short_calibration_names_every_window_option(data_dir, tmp_path, monkeypatch):
+    # the same windows serve spinquant (--seq-len) and each qlora stage (its own option)
+    monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(QuantkitError, match="fewer than one window") as refused:
+        calibration_tokens(tiny_tokenizer(), "wikitext2", 1, 10_000_000, seed=0, data_dir=data_dir)
+    for option in ("--seq-len", "--qat-seq-len", "--lora-seq-len"):
+        assert option in str(refused.value)
+    assert not (tmp_path / "tokens").exists()  # nothing cached for a refused request
+
+
 def test_c4_set_reads_jsonl(data_dir):
     texts = calibration_set("c4").texts(data_dir)
     assert len(texts) == 300 and all(isinstance(t, str) for t in texts)
