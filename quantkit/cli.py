@@ -206,7 +206,11 @@ NO_CALIBRATION = "none"
 @click.option("--heldout-pairs", type=int, default=None,
               help="Preference pairs held out of DPO training and scored before and after it.")
 @click.option("--batch-size", type=int, default=None,
-              help="Sequences (SFT) or preference pairs (DPO) per step, for every stage.")
+              help="Sequences (SFT) or preference pairs (DPO) per step, for every stage without an option of "
+                   "its own below. The cpu preset uses 1, the full preset 8.")
+@click.option("--dpo-batch-size", type=int, default=None,
+              help="Preference pairs per DPO step (each a chosen and a rejected sequence); overrides --batch-size "
+                   "for stage 3.")
 @click.option("--seq-len", type=int, default=None,
               help="Training tokens per sequence (prompts truncated from the left, responses from the right): "
                    "DPO's pairs and distillation windows, and stages 1 and 2 unless --qat-seq-len / "
@@ -251,8 +255,9 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
     if "qat_rotations" in overrides:
         overrides["qat_rotations"] = str(overrides["qat_rotations"])  # the config is JSON (resume check)
         overrides.setdefault("qat_rotate", True)
-    if batch_size is not None:
-        overrides.update(qat_batch_size=batch_size, lora_batch_size=batch_size, dpo_batch_size=batch_size)
+    if batch_size is not None:  # every stage's, unless a stage's own option says otherwise
+        for stage in ("qat", "lora", "dpo"):
+            overrides.setdefault(f"{stage}_batch_size", batch_size)
     config = QLoRAConfig.preset(Preset(preset), output, model=_model_arg(model), merge_lora=merge_lora, seed=seed,
                                 scheme=_scheme(group_size, scale_dtype, weight_clip,
                                                default_clip=QLORA_WEIGHT_CLIP[Preset(preset)]),
