@@ -243,7 +243,7 @@ class QLoRAConfig:
                        # backbone at a tenth of the adapters' lr. From the 1024-token LoRA model lr 1e-5
                        # cost 0.35 perplexity for 5 held-out pairs, 5e-6 0.21 for 2, 3e-6 0.13 for 1 (README).
                        # Four pairs a step: the same AdamW step size along a less noisy preference direction
-                       # moved 4 held-out pairs instead of 1 for the same perplexity (README), at twice the time
+                       # moved 4 held-out pairs instead of 1 for about the same perplexity (README), in twice the time
                        DPOStageConfig(steps=40, lr=3e-6, batch_size=4, beta=0.1, heldout_pairs=64, kd_weight=10.0,
                                       backbone_lr_ratio=0.1),
                        seq_len=256, eval_windows=2, eval_seq_len=512, save_every=10, pref_data="orca-dpo",

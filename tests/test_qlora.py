@@ -46,14 +46,15 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     res = CliRunner().invoke(main, [str(a) for a in (
         "qlora", "--model", tiny_dir, "--output", out, "--preset", "cpu", "--data-dir", data_dir,
         "--qat-steps", 2, "--lora-steps", 2, "--dpo-steps", 2, "--lora-rank", 4, "--lora-alpha", 8,
-        "--dpo-beta", 0.2, "--dpo-batch-size", 2, "--heldout-pairs", 4, "--seq-len", 48, "--lora-seq-len", 40, "--eval-windows", 1,
-        "--eval-seq-len", 32)])
+        "--dpo-beta", 0.2, "--batch-size", 2, "--dpo-batch-size", 3, "--heldout-pairs", 4, "--seq-len", 48,
+        "--lora-seq-len", 40, "--eval-windows", 1, "--eval-seq-len", 32)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     loaded, meta = load_checkpoint(out)
     assert meta["pipeline"] == "qlora" and meta["method"] == "qat"
     assert meta["lora"]["rank"] == 4 and meta["lora"]["alpha"] == 8 and meta["lora"]["dtype"] == "bfloat16"
     assert meta["config"]["dpo"]["beta"] == 0.2
-    assert meta["config"]["dpo"]["batch_size"] == 2 and meta["config"]["qat"]["batch_size"] == 1
+    # --batch-size sets every stage but the one with an option of its own
+    assert [meta["config"][stage]["batch_size"] for stage in ("qat", "lora", "dpo")] == [2, 2, 3]
     # the cpu preset learns the int4 scales from the mse clip search; the checkpoint records both
     assert meta["config"]["qat"]["learn_scales"] and meta["scheme"]["weight_clip"] == "mse"
     # ... and starts QAT from GPTQ on the Hadamard-rotated model
