@@ -279,8 +279,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @click.option("--preset", type=click.Choice([p.value for p in SpinQuantPreset]), default=SpinQuantPreset.META.value,
               show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
-                   "for SmolLM2 on a 2-core CPU (make demo: 24 steps, 24 + 32 windows of 256 tokens, rotations "
-                   "learned against the weights too). Explicit options below override the preset.")
+                   "for SmolLM2 on a 2-core CPU (make demo: 24 steps of 4 windows, then GPTQ on 32, all of 256 "
+                   "tokens; rotations learned against the weights too). Explicit options below override the preset.")
 @click.option("--rotation-steps", type=int, default=None, show_default="100",
               help="Cayley SGD steps learning R1/R2.")
 @click.option("--rotation-samples", type=int, default=None, show_default="800",
@@ -293,6 +293,10 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               default=None, show_default="activations; cpu preset: weights-and-activations",
               help="Quantizers in the loop while learning: activations only (weights float; Meta's recipe when GPTQ "
                    "follows) or weights too (int4 with amax scales, straight-through).")
+@click.option("--rotation-objective", type=click.Choice(["ce", "kd"]), default=None, show_default="ce",
+              help="What the rotations minimize: next-token cross-entropy on the calibration text (SpinQuant's "
+                   "loss) or the KL divergence from the float model's next-token distributions (the "
+                   "quantization damage alone; one more forward pass per step).")
 @click.option("--rotation-mode", type=click.Choice(["learned", "random", "none"]), default="learned",
               show_default=True, help="R1/R2: learned, the random-Hadamard init only, or none (ablations).")
 @click.option("--rotations", "rotations", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,

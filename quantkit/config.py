@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from quantkit.algorithms import LearnTarget
+from quantkit.algorithms import LearnTarget, RotationObjective
 from quantkit.errors import QuantkitError
 from quantkit.scheme import Method, Scheme, WeightClip
 from quantkit.training.sft import StageLoss
@@ -290,10 +290,12 @@ SPINQUANT_WEIGHT_CLIP = WeightClip.MSE
 #: The CPU preset learns against the weights' int4 grid too: on SmolLM2 the 8-bit activations cost
 #: almost nothing once rotated (21.03 with float block weights vs 20.97 bf16), so activations alone
 #: give the rotations nothing to learn; against the weights the same 24 steps gained (see the README).
+#: Each of its steps takes 4 windows: one 256-token window's gradient is mostly that window's noise
+#: (the loss trace is flat), and another CPU's float sums then led to other rotations (README).
 SPINQUANT_PRESETS = {
     SpinQuantPreset.META: {"rotation_steps": 100, "rotation_samples": 800, "gptq_samples": 128, "seq_len": 2048,
                            "learn_against": LearnTarget.ACTIVATIONS},
-    SpinQuantPreset.CPU: {"rotation_steps": 24, "rotation_samples": 24, "gptq_samples": 32, "seq_len": 256,
+    SpinQuantPreset.CPU: {"rotation_steps": 24, "rotation_samples": 96, "gptq_samples": 32, "seq_len": 256,
                           "learn_against": LearnTarget.WEIGHTS_AND_ACTIVATIONS},
 }
 
@@ -318,6 +320,7 @@ class SpinQuantConfig:
     rotation_samples: int = 800
     rotation_lr: float = 1.5
     learn_against: LearnTarget = LearnTarget.ACTIVATIONS  # what the quantizers in the loop quantize
+    rotation_objective: RotationObjective = RotationObjective.CE  # what the rotations minimize
     rotations: Path | None = None  # reuse saved rotations (skips learning)
     r4: bool = True  # online Hadamard before down_proj (falls back to off, recorded, if no Hadamard fits)
     method: Method = Method.GPTQ  # GPTQ or RTN for the block linears
@@ -328,7 +331,8 @@ class SpinQuantConfig:
     work_dir: Path | None = None  # resumable stage files; default: a hidden sibling of output
 
     def __post_init__(self) -> None:
-        for name, kind in (("rotation_mode", RotationMode), ("method", Method), ("learn_against", LearnTarget)):
+        for name, kind in (("rotation_mode", RotationMode), ("method", Method), ("learn_against", LearnTarget),
+                           ("rotation_objective", RotationObjective)):
             object.__setattr__(self, name, kind(getattr(self, name)))  # strings from JSON/CLI
         if self.method not in (Method.GPTQ, Method.RTN):
             raise QuantkitError(f"spinquant quantizes block linears by gptq or rtn, not {self.method.value}")

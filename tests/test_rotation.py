@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from quantkit.algorithms import LearnTarget
+from quantkit.algorithms import LearnTarget, RotationObjective
 from quantkit.algorithms.cayley import CayleySGD
 from quantkit.algorithms.rotation import (Rotations, activation_quantizers, apply_rotations_, fuse_norms_,
                                           learn_rotations, random_rotations, rotation_loss)
@@ -15,6 +15,7 @@ from quantkit.errors import QuantkitError
 from quantkit.model import tiny_llama
 from quantkit.modules import untie_embeddings
 from quantkit.scheme import Scheme
+from quantkit.training.sft import kd_loss
 
 
 def _model(tie: bool) -> torch.nn.Module:
@@ -94,6 +95,44 @@ def test_loss_with_rotated_activation_sites_equals_the_rotated_model(ids):
     both = rotation_loss(model, Rotations(rot.r1.float(), rot.r2.float(), True), ids, Scheme(),
                          LearnTarget.WEIGHTS_AND_ACTIVATIONS)
     assert both.item() != learned.item() and abs(both.item() - learned.item()) < 0.5
+
+
+def test_kd_objective_is_the_kl_from_the_float_model_to_the_rotated_quantized_one(ids):
+    """KD's teacher is the unrotated float model, which the rotations leave unchanged."""
+    model = _model(False)
+    float_logits = model(ids).logits  # before fusion: the teacher must be the user's model itself
+    untie_embeddings(model)
+    fuse_norms_(model)
+    rot = random_rotations(model, 0)
+    rotated = copy.deepcopy(model)
+    apply_rotations_(rotated, rot)
+    with activation_quantizers(rotated, 8):
+        student = rotated(ids).logits
+    hand = kd_loss(student.flatten(0, 1), float_logits.flatten(0, 1))
+    r = Rotations(rot.r1.float(), rot.r2.float(), True)
+    kd = rotation_loss(model, r, ids, Scheme(), LearnTarget.ACTIVATIONS, RotationObjective.KD)
+    assert hand.item() > 0 and abs(kd.item() - hand.item()) < 1e-4 * max(1.0, hand.item())
+    # with the weights on the int4 grid too the damage is larger, and the loss still has a gradient in R1
+    r1 = r.r1.clone().requires_grad_(True)
+    both = rotation_loss(model, Rotations(r1, r.r2, True), ids, Scheme(), LearnTarget.WEIGHTS_AND_ACTIVATIONS,
+                         RotationObjective.KD)
+    both.backward()
+    assert both.item() > kd.item() and r1.grad.abs().sum() > 0
+
+
+def test_learning_against_the_kd_objective_lowers_it(ids):
+    model = _model(False)
+    untie_embeddings(model)
+    fuse_norms_(model)
+    init = random_rotations(model, 0)
+    rows = ids.repeat(2, 1)
+    before = rotation_loss(model, Rotations(init.r1.float(), init.r2.float(), True), rows, Scheme(),
+                           LearnTarget.WEIGHTS_AND_ACTIVATIONS, RotationObjective.KD).item()
+    rot, _ = learn_rotations(model, init, rows, Scheme(), steps=8, lr=1.5,
+                             target=LearnTarget.WEIGHTS_AND_ACTIVATIONS, objective=RotationObjective.KD)
+    after = rotation_loss(model, rot, rows, Scheme(), LearnTarget.WEIGHTS_AND_ACTIVATIONS,
+                          RotationObjective.KD).item()
+    assert after < before
 
 
 def test_nan_loss_stops_learning(ids):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quantkit import kernels
-from quantkit.algorithms import LearnTarget
+from quantkit.algorithms import LearnTarget, RotationObjective
 from quantkit.algorithms import gptq as gptq_module
 from quantkit.algorithms.hadamard import hadamard_transform
 from quantkit.checkpoint import load_checkpoint
@@ -144,13 +144,17 @@ def test_cli_presets_and_explicit_options_reach_the_config(monkeypatch, tmp_path
 
     seen = []
     monkeypatch.setattr(pipeline, "run_spinquant", lambda config: seen.append(config) or config.output)
-    for extra in ([], ["--learn-against", "activations", "--no-refit-scales", "--weight-clip", "amax"],
+    for extra in ([], ["--learn-against", "activations", "--no-refit-scales", "--weight-clip", "amax",
+                       "--rotation-objective", "kd", "--rotation-samples", "24"],
                   ["--preset", "meta"]):
         result = CliRunner().invoke(main, ["spinquant", "--output", str(tmp_path / "o"), "--preset", "cpu", *extra])
         assert result.exit_code == 0, result.output
     cpu, overridden, meta = seen
-    assert (cpu.learn_against, cpu.refit_scales, cpu.scheme.weight_clip, cpu.rotation_steps) == \
-        (LearnTarget.WEIGHTS_AND_ACTIVATIONS, True, WeightClip.MSE, 24)
-    assert (overridden.learn_against, overridden.refit_scales, overridden.scheme.weight_clip) == \
-        (LearnTarget.ACTIVATIONS, False, WeightClip.AMAX)
-    assert (meta.learn_against, meta.rotation_steps, meta.gptq_samples) == (LearnTarget.ACTIVATIONS, 100, 128)
+    assert (cpu.learn_against, cpu.refit_scales, cpu.scheme.weight_clip, cpu.rotation_steps, cpu.rotation_samples,
+            cpu.rotation_objective) == (LearnTarget.WEIGHTS_AND_ACTIVATIONS, True, WeightClip.MSE, 24, 96,
+                                        RotationObjective.CE)
+    assert (overridden.learn_against, overridden.refit_scales, overridden.scheme.weight_clip,
+            overridden.rotation_objective, overridden.rotation_samples) == \
+        (LearnTarget.ACTIVATIONS, False, WeightClip.AMAX, RotationObjective.KD, 24)
+    assert (meta.learn_against, meta.rotation_steps, meta.gptq_samples, meta.rotation_objective) == \
+        (LearnTarget.ACTIVATIONS, 100, 128, RotationObjective.CE)

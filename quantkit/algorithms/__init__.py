@@ -13,3 +13,12 @@ class LearnTarget(str, enum.Enum):
 
     ACTIVATIONS = "activations"  # Meta's ExecuTorch recipe when GPTQ follows: weights stay float
     WEIGHTS_AND_ACTIVATIONS = "weights-and-activations"  # weights fake-quantized too (RTN grid)
+
+
+class RotationObjective(str, enum.Enum):
+    """What SpinQuant's R1/R2 are learned to minimize (the quantizers of ``LearnTarget`` in the loop)."""
+
+    CE = "ce"  # next-token cross-entropy on the calibration text (SpinQuant's loss)
+    # KL(float model || quantized model) per token: the float model is rotation-invariant, so this is
+    # the quantization damage alone, without CE's per-window text-fitting term (a less noisy gradient)
+    KD = "kd"

@@ -38,13 +38,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
-from quantkit.algorithms import LearnTarget
+from quantkit.algorithms import LearnTarget, RotationObjective
 from quantkit.algorithms.cayley import CayleySGD
 from quantkit.algorithms.hadamard import hadamard_transform, random_hadamard, supported
 from quantkit.errors import QuantkitError
 from quantkit.modules import untie_embeddings
 from quantkit.primitives import fake_quantize
 from quantkit.scheme import Scheme
+from quantkit.training.sft import kd_loss
 
 
 def _dims(model: nn.Module) -> tuple[int, int, int, int, int, int]:
@@ -330,26 +331,36 @@ def _fake_quantized_weights(model: nn.Module, rot: Rotations, scheme: Scheme) ->
 
 
 def rotation_loss(model: nn.Module, rot: Rotations, ids: torch.Tensor, scheme: Scheme,
-                  target: LearnTarget) -> torch.Tensor:
-    """Next-token cross-entropy on ``ids [B, L]`` of the rotated model with quantizers in the loop.
+                  target: LearnTarget, objective: RotationObjective = RotationObjective.CE) -> torch.Tensor:
+    """``objective`` on ``ids [B, L]`` of the rotated model with the quantizers of ``target`` in the loop.
 
-    ``model`` is norm-fused, untied and *not* rotated; the loss is differentiable in R1/R2.
+    ``model`` is norm-fused, untied and *not* rotated; the loss is differentiable in R1/R2. For
+    ``KD`` the teacher is ``model`` itself, float and unrotated (rotations leave it unchanged).
     """
-    if target is LearnTarget.ACTIVATIONS:
-        with _rotated_activation_quantizers(model, rot.r1, rot.r2, rot.r4, scheme.act_bits):
-            return model(ids, labels=ids, use_cache=False).loss
-    handles = online_hadamard(model) if rot.r4 else []
+    teacher = None
+    if objective is RotationObjective.KD:
+        with torch.no_grad():
+            teacher = model(ids, use_cache=False).logits  # [B, L, V]
+    kwargs = {"use_cache": False} if teacher is not None else {"labels": ids, "use_cache": False}
+    handles = online_hadamard(model) if rot.r4 and target is not LearnTarget.ACTIVATIONS else []
     try:
-        with activation_quantizers(model, scheme.act_bits):
-            return functional_call(model, _fake_quantized_weights(model, rot, scheme), (ids,),
-                                   {"labels": ids, "use_cache": False}).loss
+        if target is LearnTarget.ACTIVATIONS:
+            with _rotated_activation_quantizers(model, rot.r1, rot.r2, rot.r4, scheme.act_bits):
+                out = model(ids, **kwargs)
+        else:
+            with activation_quantizers(model, scheme.act_bits):
+                out = functional_call(model, _fake_quantized_weights(model, rot, scheme), (ids,), kwargs)
     finally:
         for h in handles:
             h.remove()
+    if teacher is None:
+        return out.loss
+    return kd_loss(out.logits.flatten(0, 1), teacher.flatten(0, 1))  # [B*L, V] each
 
 
 def learn_rotations(model: nn.Module, init: Rotations, ids: torch.Tensor, scheme: Scheme, steps: int,
                     lr: float, target: LearnTarget = LearnTarget.ACTIVATIONS,
+                    objective: RotationObjective = RotationObjective.CE,
                     on_step: Callable[[int, float], None] | None = None) -> tuple[Rotations, list[float]]:
     """Learn R1 and R2 from ``init`` by Cayley SGD over ``steps`` batches of ``ids [n, L]`` (cycled).
 
@@ -369,7 +380,7 @@ def learn_rotations(model: nn.Module, init: Rotations, ids: torch.Tensor, scheme
     for step in range(steps):
         start = (step * batch) % len(ids)
         rows = ids[start : start + batch]  # [B, L]
-        loss = rotation_loss(model, Rotations(r1, r2, init.r4), rows, scheme, target)
+        loss = rotation_loss(model, Rotations(r1, r2, init.r4), rows, scheme, target, objective)
         if not torch.isfinite(loss):
             raise QuantkitError(f"rotation learning diverged: loss is {loss.item()} at step {step + 1}; "
                                 "nothing was written. Try a smaller --rotation-lr")

@@ -122,7 +122,7 @@ def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tenso
             task = bar.add_task("rotations", total=config.rotation_steps, loss="-")
             rot, losses = learn_rotations(
                 model, rot, ids[: config.rotation_samples], config.scheme, config.rotation_steps,
-                config.rotation_lr, config.learn_against,
+                config.rotation_lr, config.learn_against, config.rotation_objective,
                 on_step=lambda _s, loss: bar.update(task, advance=1, loss=f"{loss:.4f}"))
     rot = Rotations(rot.r1.float(), rot.r2.float(), r4)  # what is saved is exactly what is used
     atomic_file(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), finished)
