@@ -280,7 +280,8 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               show_default=True,
               help="Sizes: 'meta' is Meta's recipe (100 steps, 800 + 128 windows of 2048 tokens); 'cpu' is sized "
                    "for SmolLM2 on a 2-core CPU (make demo: 24 steps of 4 windows, then GPTQ on 32, all of 256 "
-                   "tokens; rotations learned against the weights too). Explicit options below override the preset.")
+                   "tokens; rotations learned against the weights too; best of 3 draws on held-out C4). Explicit "
+                   "options below override the preset.")
 @click.option("--rotation-steps", type=int, default=None, show_default="100",
               help="Cayley SGD steps learning R1/R2.")
 @click.option("--rotation-samples", type=int, default=None, show_default="800",
@@ -301,6 +302,15 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
               show_default=True, help="R1/R2: learned, the random-Hadamard init only, or none (ablations).")
 @click.option("--rotations", "rotations", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Reuse rotations saved by an earlier run (OUTPUT.rotations.safetensors); skips learning.")
+@click.option("--rotation-draws", type=int, default=None, show_default="1; cpu preset: 3",
+              help="Best of N: learn R1/R2 from N inits (seeds SEED, SEED+1, ...), quantize each, and keep the one "
+                   "whose finished checkpoint scores the lowest perplexity on --selection-data (N times the work).")
+@click.option("--selection-data", default="c4", show_default=True,
+              help="Held-out calibration set that picks the draw; must differ from --calibration.")
+@click.option("--selection-windows", type=int, default=16, show_default=True,
+              help="Windows of --selection-data scored per draw.")
+@click.option("--selection-seq-len", type=int, default=2048, show_default=True,
+              help="Tokens per selection window.")
 @click.option("--no-r4", is_flag=True, help="Leave out R4 (the online Hadamard before down_proj).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="How the rotated block linears are rounded.")

@@ -105,6 +105,79 @@ def test_resume_after_interruption_gives_the_same_checkpoint(tiny_dir, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+DRAWS = dict(rotation_draws=2, selection_windows=2, selection_seq_len=32)
+
+
+def test_best_of_draws_keeps_the_draw_with_the_lowest_held_out_perplexity(tiny_dir, tmp_path, data_dir):
+    """The chosen draw's recorded score is the minimum, and is what the saved checkpoint scores on those windows."""
+    from quantkit.data import calibration_tokens
+    from quantkit.evaluate import perplexity
+
+    single = load_file(str(run_spinquant(_config(tiny_dir, tmp_path / "one", data_dir)) / "model.safetensors"))
+    out = run_spinquant(_config(tiny_dir, tmp_path / "best", data_dir, **DRAWS))
+    loaded, meta = load_checkpoint(out)
+    draws = meta["config"]["result"]["draws"]
+    scores = draws["selection_perplexity"]
+    assert set(scores) == {"0", "1"} and scores["0"] != scores["1"]  # the inits differ, so do the draws
+    chosen = min(scores, key=scores.get)
+    assert draws["chosen_seed"] == int(chosen)
+    held_out = calibration_tokens(loaded.tokenizer, "c4", 2, 32, 0, data_dir)
+    with torch.no_grad():
+        again = perplexity(loaded.model, held_out.flatten(), 32, 2).perplexity
+    assert again == scores[chosen]  # save/load reproduces the scored model bit for bit
+    saved = load_file(str(out / "model.safetensors"))
+    same_as_single = all(torch.equal(saved[k], single[k]) for k in single)
+    assert same_as_single == (chosen == "0")  # draw 0 is the one-draw run (same init seed, same windows)
+    assert not (tmp_path / ".best.spinquant-work").exists()
+
+
+def test_best_of_draws_follows_the_scores_and_resumes_without_relearning(tiny_dir, tmp_path, data_dir, monkeypatch):
+    import quantkit.pipelines.spinquant as pipeline
+    from quantkit.evaluate import PerplexityResult
+
+    def scores(*values):  # the held-out perplexities, in call order; None: Ctrl-C while scoring
+        queue = list(values)
+
+        def scored(*_args, **_kwargs):
+            value = queue.pop(0)
+            if value is None:
+                raise KeyboardInterrupt
+            return PerplexityResult(value, 0.0, 1, 1, 1)
+        return scored, queue
+
+    single = load_file(str(run_spinquant(_config(tiny_dir, tmp_path / "one", data_dir)) / "model.safetensors"))
+    scored, queue = scores(3.0, 5.0)
+    monkeypatch.setattr(pipeline, "perplexity", scored)
+    first = run_spinquant(_config(tiny_dir, tmp_path / "first", data_dir, **DRAWS))
+
+    scored, queue = scores(5.0, None, 3.0)  # draw 0 scored, Ctrl-C while scoring draw 1, then the rerun
+    monkeypatch.setattr(pipeline, "perplexity", scored)
+    config = _config(tiny_dir, tmp_path / "second", data_dir, **DRAWS)
+    with pytest.raises(KeyboardInterrupt):
+        run_spinquant(config)
+    assert (config.stage_dir / "draw0" / "selection.json").is_file() and not config.output.exists()
+    monkeypatch.setattr(pipeline, "learn_rotations", lambda *a, **k: pytest.fail("rotations were re-learned"))
+    monkeypatch.setattr(pipeline, "gptq_layer", lambda *a, **k: pytest.fail("GPTQ ran again"))
+    second = run_spinquant(config)
+    assert queue == []  # draw 0's score was read from its stage, not computed again
+
+    for path, chosen, fake in ((first, 0, [3.0, 5.0]), (second, 1, [5.0, 3.0])):
+        meta = json.loads((path / "quantkit.json").read_text())
+        assert meta["config"]["result"]["draws"] == {"chosen_seed": chosen,
+                                                     "selection_perplexity": {"0": fake[0], "1": fake[1]}}
+        saved = load_file(str(path / "model.safetensors"))
+        assert all(torch.equal(saved[k], single[k]) for k in single) == (chosen == 0)
+
+
+def test_draws_need_rotations_and_a_held_out_set(tiny_dir, tmp_path, data_dir):
+    with pytest.raises(QuantkitError, match="--rotation-draws needs rotations"):
+        _config(tiny_dir, tmp_path / "o", data_dir, rotation_mode="none", **DRAWS)
+    with pytest.raises(QuantkitError, match="--selection-data wikitext2 is the calibration set"):
+        _config(tiny_dir, tmp_path / "o", data_dir, selection_data="wikitext2", **DRAWS)
+    with pytest.raises(QuantkitError, match="rotation_draws=0"):
+        _config(tiny_dir, tmp_path / "o", data_dir, rotation_draws=0)
+
+
 def test_too_short_calibration_is_refused_before_any_work(tiny_dir, tmp_path, data_dir):
     config = _config(tiny_dir, tmp_path / "out", data_dir, seq_len=10_000_000)
     with pytest.raises(QuantkitError, match="fewer than one window"):
@@ -145,16 +218,16 @@ def test_cli_presets_and_explicit_options_reach_the_config(monkeypatch, tmp_path
     seen = []
     monkeypatch.setattr(pipeline, "run_spinquant", lambda config: seen.append(config) or config.output)
     for extra in ([], ["--learn-against", "activations", "--no-refit-scales", "--weight-clip", "amax",
-                       "--rotation-objective", "kd", "--rotation-samples", "24"],
+                       "--rotation-objective", "kd", "--rotation-samples", "24", "--rotation-draws", "1"],
                   ["--preset", "meta"]):
         result = CliRunner().invoke(main, ["spinquant", "--output", str(tmp_path / "o"), "--preset", "cpu", *extra])
         assert result.exit_code == 0, result.output
     cpu, overridden, meta = seen
     assert (cpu.learn_against, cpu.refit_scales, cpu.scheme.weight_clip, cpu.rotation_steps, cpu.rotation_samples,
-            cpu.rotation_objective) == (LearnTarget.WEIGHTS_AND_ACTIVATIONS, True, WeightClip.MSE, 24, 96,
-                                        RotationObjective.CE)
+            cpu.rotation_objective, cpu.rotation_draws, cpu.selection_data) == \
+        (LearnTarget.WEIGHTS_AND_ACTIVATIONS, True, WeightClip.MSE, 24, 96, RotationObjective.CE, 3, "c4")
     assert (overridden.learn_against, overridden.refit_scales, overridden.scheme.weight_clip,
-            overridden.rotation_objective, overridden.rotation_samples) == \
-        (LearnTarget.ACTIVATIONS, False, WeightClip.AMAX, RotationObjective.KD, 24)
-    assert (meta.learn_against, meta.rotation_steps, meta.gptq_samples, meta.rotation_objective) == \
-        (LearnTarget.ACTIVATIONS, 100, 128, RotationObjective.CE)
+            overridden.rotation_objective, overridden.rotation_samples, overridden.rotation_draws) == \
+        (LearnTarget.ACTIVATIONS, False, WeightClip.AMAX, RotationObjective.KD, 24, 1)
+    assert (meta.learn_against, meta.rotation_steps, meta.gptq_samples, meta.rotation_objective,
+            meta.rotation_draws) == (LearnTarget.ACTIVATIONS, 100, 128, RotationObjective.CE, 1)

@@ -10,8 +10,11 @@ back to bfloat16 just before the modules are swapped.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -27,8 +30,9 @@ from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import RotationMode, SpinQuantConfig
 from quantkit.data import calibration_tokens
 from quantkit.errors import QuantkitError
+from quantkit.evaluate import perplexity
 from quantkit.model import load_model
-from quantkit.modules import InputTransform, quantize_, untie_embeddings
+from quantkit.modules import InputTransform, Plan, quantize_, untie_embeddings
 from quantkit.progress import err, progress_bar
 from quantkit.scheme import Method
 
@@ -53,30 +57,87 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
     n = max(config.rotation_samples if learning else 0, config.gptq_samples if config.method is Method.GPTQ else 0)
     ids = calibration_tokens(loaded.tokenizer, config.calibration, max(n, 1), config.seq_len, config.seed,
                              config.data_dir)
+    # best of N draws: the held-out windows that pick one [n_sel, L_sel] (refused early, like the above)
+    held_out = None if config.rotation_draws == 1 else calibration_tokens(
+        loaded.tokenizer, config.selection_data, config.selection_windows, config.selection_seq_len,
+        config.seed, config.data_dir)
     stages = _stage_dir(config)
 
     fuse_norms_(model)
-    rot, losses = _rotations(config, model, ids, stages, r4)
+    best: _Draw | None = None
+    for i in range(config.rotation_draws):  # one draw works in place; several each on a copy of the fused model
+        work, work_stages = (model, stages) if held_out is None else (copy.deepcopy(model), stages / f"draw{i}")
+        draw = _draw(config, work, ids, work_stages, r4, config.seed + i)
+        if held_out is not None:
+            draw.score = _selection_perplexity(draw.model, held_out, work_stages,
+                                               f"draw {i + 1}/{config.rotation_draws}")
+            err.print(f"draw {i + 1} (seed {draw.seed}): held-out {config.selection_data} perplexity {draw.score:.3f}")
+        if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
+            best = draw
+
+    rotations_file = None
+    if best.rot.r1 is not None or best.rot.r2 is not None:
+        rotations_file = config.output.with_name(f"{config.output.name}.rotations.safetensors")
+        atomic_file(lambda tmp: best.rot.save(tmp, {"losses": json.dumps(best.losses)}), rotations_file)
+    result = {"r4": r4_note, "rotation_losses": best.losses,
+              "rotations_file": None if rotations_file is None else str(rotations_file)}
+    if held_out is not None:
+        result["draws"] = {"chosen_seed": best.seed, "selection_perplexity": _draw_scores(stages, config)}
+    path = save_checkpoint(dataclasses.replace(loaded, model=best.model), best.plan, config.scheme, config.output,
+                           pipeline="spinquant", method=config.method.value,
+                           config={**config.to_dict(), "result": result}, overwrite=config.overwrite)
+    shutil.rmtree(stages, ignore_errors=True)
+    return path
+
+
+@dataclasses.dataclass
+class _Draw:
+    """One rotation draw, finished: the quantized model, its rotations and (best of N) its held-out score."""
+
+    seed: int
+    model: torch.nn.Module
+    plan: Plan
+    rot: Rotations
+    losses: list[float]
+    score: float = math.nan
+
+
+def _draw(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, stages: Path, r4: bool,
+          seed: int) -> _Draw:
+    """Rotations from ``seed``'s init folded into the fused float ``model``, GPTQ (or RTN), quantized in place."""
+    stages.mkdir(parents=True, exist_ok=True)
+    rot, losses = _rotations(config, model, ids, stages, r4, seed)
     hooks = apply_rotations_(model, rot)  # online R4 pre-hooks on the float down_projs
     codes = _gptq(config, model, ids[: config.gptq_samples], stages) if config.method is Method.GPTQ else None
     for h in hooks:
         h.remove()
 
-    model.to(torch.bfloat16)  # the checkpoint's float parts (norm gains, now 1) in the baseline dtype
-    transforms = {f"model.layers.{i}.mlp.down_proj": InputTransform.HADAMARD for i in range(c.num_hidden_layers)}
-    with progress_bar("packing", c.num_hidden_layers * 7 + 2) as advance:
+    for p in model.parameters():  # the checkpoint's float parts (norm gains, now 1) in the baseline dtype;
+        p.data = p.data.to(torch.bfloat16)  # not buffers: RoPE's inv_freq stays float32, as a loaded model has it
+    layers = model.config.num_hidden_layers
+    transforms = {f"model.layers.{i}.mlp.down_proj": InputTransform.HADAMARD for i in range(layers)}
+    with progress_bar("packing", layers * 7 + 2) as advance:
         plan = quantize_(model, config.scheme, int4_codes=None if codes is None else lambda name, _w: codes[name],
                          progress=lambda _name: advance(), input_transforms=transforms if r4 else None)
-    rotations_file = None
-    if rot.r1 is not None or rot.r2 is not None:
-        rotations_file = config.output.with_name(f"{config.output.name}.rotations.safetensors")
-        atomic_file(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), rotations_file)
-    meta = {**config.to_dict(), "result": {"r4": r4_note, "rotation_losses": losses,
-                                           "rotations_file": None if rotations_file is None else str(rotations_file)}}
-    path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="spinquant",
-                           method=config.method.value, config=meta, overwrite=config.overwrite)
-    shutil.rmtree(stages, ignore_errors=True)
-    return path
+    return _Draw(seed, model, plan, rot, losses)
+
+
+def _selection_perplexity(model: torch.nn.Module, held_out: torch.Tensor, stages: Path, label: str) -> float:
+    """The quantized draw's perplexity on the held-out windows ``[n, L]``, kept as the draw's last stage."""
+    path = stages / "selection.json"
+    if path.is_file():
+        return json.loads(path.read_text())["perplexity"]
+    n, seq_len = held_out.shape
+    with torch.no_grad():
+        ppl = perplexity(model.eval(), held_out.flatten(), seq_len, n, f"{label}: held-out ppl").perplexity
+    atomic_file(lambda tmp: tmp.write_text(json.dumps({"perplexity": ppl})), path)
+    return ppl
+
+
+def _draw_scores(stages: Path, config: SpinQuantConfig) -> dict[str, float]:
+    """Every draw's held-out perplexity, by the seed of its init (for the metadata)."""
+    return {str(config.seed + i): json.loads((stages / f"draw{i}" / "selection.json").read_text())["perplexity"]
+            for i in range(config.rotation_draws)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +163,7 @@ def _stage_dir(config: SpinQuantConfig) -> Path:
 
 
 def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, stages: Path,
-               r4: bool) -> tuple[Rotations, list[float]]:
+               r4: bool, seed: int) -> tuple[Rotations, list[float]]:
     """From --rotations, the finished stage, learning, a random init or none (R4 as decided)."""
     finished = stages / "rotations.safetensors"
     if config.rotations is not None or finished.is_file():
@@ -113,7 +174,7 @@ def _rotations(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tenso
         return rot, json.loads(meta.get("losses", "[]"))
     if config.rotation_mode is RotationMode.NONE:
         return Rotations(None, None, r4), []
-    rot = random_rotations(model, config.seed, r4=r4)
+    rot = random_rotations(model, seed, r4=r4)
     losses: list[float] = []
     if config.rotation_mode is RotationMode.LEARNED:
         columns = (TextColumn("[bold]learning R1/R2"), BarColumn(), MofNCompleteColumn(),
