@@ -6,6 +6,10 @@ metadata. Stages are saved in a work directory as they finish (the rotations, th
 layer with the next layer's inputs), so an interrupted run resumes from its last finished stage;
 the directory is removed once the checkpoint is written. Work runs in float32; the model is cast
 back to bfloat16 just before the modules are swapped.
+
+Best of N (``rotation_draws``): each draw learns R1/R2 from its own init seed on a copy of the
+fused model and is quantized in full (its stages in ``draw{i}/``, its held-out score the last);
+the draw whose quantized model scores the lowest perplexity on the selection set is saved.
 """
 
 from __future__ import annotations
