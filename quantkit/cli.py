@@ -163,8 +163,8 @@ NO_CALIBRATION = "none"
               help="Scale each int4 linear's stage-1 learning rate by the median of its group scales over the "
                    "model's median, so that every layer moves by the same fraction of its int4 grid step "
                    "(AdamW moves every weight by about the learning rate, and a rotated model's grid steps "
-                   "differ a hundredfold between layers). Off in both presets (README: on SmolLM2 it lowered "
-                   "the distillation loss but not the WikiText-2 perplexity).")
+                   "differ a hundredfold between layers). Off in both presets (docs/measurements/qlora.md: "
+                   "on SmolLM2 it lowered the distillation loss but not the WikiText-2 perplexity).")
 @click.option("--lora-steps", type=int, default=None, help="Stage 2 (LoRA SFT, backbone frozen) optimizer steps.")
 @click.option("--lora-lr", type=float, default=None, help="Stage 2 peak learning rate.")
 @click.option("--lora-rank", type=int, default=None,
@@ -181,8 +181,8 @@ NO_CALIBRATION = "none"
                    "set, else wikitext2). Default 32.")
 @click.option("--lora-seq-len", type=int, default=None,
               help="Tokens per stage-2 training sequence and init window. Default: --seq-len. DPO's distillation "
-                   "windows take this length too; its pairs keep --seq-len. The cpu "
-                   "preset uses 1024 (README: 21.67 against 21.93 at 256 before DPO, same tokens trained).")
+                   "windows take this length too; its pairs keep --seq-len. The cpu preset uses 1024 "
+                   "(docs/measurements/qlora.md: 21.67 against 21.93 at 256 before DPO, same tokens trained).")
 @click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
 @click.option("--lora-calibration", default=None, metavar="SET|none",
@@ -199,8 +199,8 @@ NO_CALIBRATION = "none"
 @click.option("--dpo-backbone-lr-ratio", type=float, default=None,
               help="Stage 3 learning rate of the backbone (QAT weights and scales, head, embedding) as a "
                    "multiple of the adapters' (--dpo-lr). Both are trained; a smaller ratio moves the int4 codes "
-                   "less (README: with --dpo-kd-weight 3, 0.1 halved what DPO cost in perplexity for the same "
-                   "held-out gain). The cpu preset uses 0.1, the full preset 1.")
+                   "less (docs/measurements/qlora.md: with --dpo-kd-weight 3, 0.1 halved what DPO cost in "
+                   "perplexity for the same held-out gain). The cpu preset uses 0.1, the full preset 1.")
 @click.option("--dpo-grid-lr/--no-dpo-grid-lr", default=None,
               help="Stage 3's int4 linears at the grid-relative learning rates of --qat-grid-lr.")
 @click.option("--heldout-pairs", type=int, default=None,
@@ -210,8 +210,8 @@ NO_CALIBRATION = "none"
                    "its own below. The cpu preset uses 1 (4 for DPO), the full preset 8.")
 @click.option("--dpo-batch-size", type=int, default=None,
               help="Preference pairs per DPO step (each a chosen and a rejected sequence); overrides --batch-size "
-                   "for stage 3. The cpu preset uses 4 (README: 4 held-out pairs flipped instead of 1 at one pair "
-                   "a step, for about the same perplexity, in twice the time).")
+                   "for stage 3. The cpu preset uses 4 (docs/measurements/qlora.md: 4 held-out pairs flipped "
+                   "instead of 1 at one pair a step, for about the same perplexity, in twice the time).")
 @click.option("--seq-len", type=int, default=None,
               help="Training tokens per sequence (prompts truncated from the left, responses from the right): "
                    "DPO's pairs and distillation windows, and stages 1 and 2 unless --qat-seq-len / "

@@ -61,8 +61,9 @@ class Preset(str, enum.Enum):
     CPU = "cpu"  # minutes on a 2-core CPU (``make demo``): a smoke-sized version of the recipe
 
 
+#: Figures cited as "measured" below: docs/measurements/qlora.md and docs/measurements/spinquant.md.
 #: qlora's int4 group scales before training: the cpu preset learns them from the clip search's choice
-#: (README); the full preset is Meta's recipe, amax scales recomputed at every step
+#: (measured); the full preset is Meta's recipe, amax scales recomputed at every step
 QLORA_WEIGHT_CLIP = {Preset.FULL: WeightClip.AMAX, Preset.CPU: WeightClip.MSE}
 
 
@@ -222,28 +223,28 @@ class QLoRAConfig:
             # QAT gets most of the budget (12 steps won back almost nothing). QAT and LoRA distill the
             # float model on the calibration text (Wikipedia, never the WikiText-2 test split): on
             # SmolLM2 that recovered more of the PTQ gap than SFT cross-entropy or KD on alpaca
-            # (README), at the price of a teacher forward and the head on every token per step.
-            # QAT starts from GPTQ on a Hadamard-rotated model (README: the rotation cuts what the int8
+            # (measured), at the price of a teacher forward and the head on every token per step.
+            # QAT starts from GPTQ on a Hadamard-rotated model (measured: the rotation cuts what the int8
             # activations cost from 9.5% to 3.8% of the PTQ gap), at a smaller lr than from RTN
             base = cls(output, QATStageConfig(steps=120, lr=5e-5, batch_size=1, loss=StageLoss.KD,
                                               calibration="wikitext2", learn_scales=True, rotate=True,
                                               init=QATInit.GPTQ, init_samples=32),
-                       # a gentle LoRA step keeps what QAT won (lr 1e-3 gave it back; README), from the
+                       # a gentle LoRA step keeps what QAT won (lr 1e-3 gave it back; measured), from the
                        # adapters that best make up for the int4 error (22.30 against 22.43 from B = 0).
                        # The adapters are what trains best here (QAT's STE barely moves GPTQ's codes):
                        # rank 16 took the stage-2 model from 22.23 to 21.93 in 120 steps of 256 tokens, and
-                       # to 21.67 in 60 of 1024 (README: more steps or init windows of 256 did not do it)
+                       # to 21.67 in 60 of 1024 (measured: more steps or init windows of 256 did not do it)
                        LoRAStageConfig(steps=60, lr=1e-4, batch_size=1, rank=16, alpha=32.0, loss=StageLoss.KD,
                                        calibration="wikitext2", init=LoRAInit.ERROR, init_samples=32, seq_len=1024),
                        # orca-dpo: HH-RLHF harmless pairs stay at chance for a 135M model whatever DPO
-                       # does (README); 64 held-out pairs, since 32 move the accuracy in 3-point steps.
+                       # does (measured); 64 held-out pairs, since 32 move the accuracy in 3-point steps.
                        # Small steps: the rotated weights (norm gains fused in) are ~5x smaller, so an
-                       # AdamW step moves them ~5x more; lr 3e-5 cost 2 perplexity points (README). Each
+                       # AdamW step moves them ~5x more; lr 3e-5 cost 2 perplexity points (measured). Each
                        # step also distills the float model on a 1024-token window, at weight 10 with the
                        # backbone at a tenth of the adapters' lr. From the 1024-token LoRA model lr 1e-5
-                       # cost 0.35 perplexity for 5 held-out pairs, 5e-6 0.21 for 2, 3e-6 0.13 for 1 (README).
+                       # cost 0.35 perplexity for 5 held-out pairs, 5e-6 0.21 for 2, 3e-6 0.13 for 1 (measured).
                        # Four pairs a step: the same AdamW step size along a less noisy preference direction
-                       # moved 4 held-out pairs instead of 1 for about the same perplexity (README), in twice the time
+                       # moved 4 held-out pairs instead of 1 for about the same perplexity (measured), in twice the time
                        DPOStageConfig(steps=40, lr=3e-6, batch_size=4, beta=0.1, heldout_pairs=64, kd_weight=10.0,
                                       backbone_lr_ratio=0.1),
                        seq_len=256, eval_windows=2, eval_seq_len=512, save_every=10, pref_data="orca-dpo",
@@ -283,18 +284,18 @@ class SpinQuantPreset(str, enum.Enum):
 
 
 #: SpinQuant's group scales: a clip search, as SpinQuant's own ``w_clip`` (on SmolLM2 after GPTQ it took
-#: the WikiText-2 perplexity from 23.63 with amax scales to 23.07; see the README)
+#: the WikiText-2 perplexity from 23.63 with amax scales to 23.07; measured)
 SPINQUANT_WEIGHT_CLIP = WeightClip.MSE
 
 #: rotation steps, rotation samples, GPTQ samples, tokens per sample, quantizers in the rotation loop.
 #: The CPU preset learns against the weights' int4 grid too: on SmolLM2 the 8-bit activations cost
 #: almost nothing once rotated (21.03 with float block weights vs 20.97 bf16), so activations alone
-#: give the rotations nothing to learn; against the weights the same 24 steps gained (see the README).
+#: give the rotations nothing to learn; against the weights the same 24 steps gained (measured).
 #: Each of its steps takes 4 windows: one 256-token window's gradient is mostly that window's noise
-#: (the loss trace is flat), and another CPU's float sums then led to other rotations (README).
+#: (the loss trace is flat), and another CPU's float sums then led to other rotations (measured).
 #: Eight windows a step scored worse than four (22.97 against 22.55): the draw still moves the result,
 #: so the CPU preset learns three draws and keeps the one whose GPTQ checkpoint scores best on held-out
-#: C4 windows (that ranking put five draws in their WikiText-2 test order's first and last place; README).
+#: C4 windows (that ranking put five draws in their WikiText-2 test order's first and last place; measured).
 #: It drops clearly worse draws; two draws within 0.1% on C4 are a coin toss (the demo kept 22.65 over 22.55).
 SPINQUANT_PRESETS = {
     SpinQuantPreset.META: {"rotation_steps": 100, "rotation_samples": 800, "gptq_samples": 128, "seq_len": 2048,

@@ -1,4 +1,4 @@
-"""One QAT stage of `quantkit qlora`, alone, scored as fake-quantized perplexity: the README's QAT sweep.
+"""One QAT stage of `quantkit qlora`, alone, scored as fake-quantized perplexity (docs/measurements/qlora.md).
 
 Trains every weight (and, with ``--learn-scales``, the int4 group scales) of the default model
 by distillation from its float copy on windows of the ``wikitext2`` calibration set, with the

@@ -122,6 +122,6 @@ def test_unknown_calibration_set_and_loss_are_refused(tmp_path):
     assert cpu.qat.loss is cpu.lora.loss is StageLoss.KD and cpu.qat.calibration == cpu.lora.calibration == "wikitext2"
     assert full.qat.loss is full.lora.loss is StageLoss.CE and full.qat.calibration is full.lora.calibration is None
     assert cpu.pref_data == "orca-dpo" and cpu.dpo.heldout_pairs == 64 and full.pref_data == "hh-rlhf-harmless"
-    assert (cpu.qat.batch_size, cpu.lora.batch_size, cpu.dpo.batch_size) == (1, 1, 4)  # DPO: 4 pairs a step (README)
+    assert (cpu.qat.batch_size, cpu.lora.batch_size, cpu.dpo.batch_size) == (1, 1, 4)  # DPO: 4 pairs a step (measured)
     assert cpu.qat.learn_scales and cpu.scheme.weight_clip is WeightClip.MSE  # learned, from the clip search
     assert not full.qat.learn_scales and full.scheme.weight_clip is WeightClip.AMAX  # Meta's recipe

@@ -64,7 +64,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, data_dir, ids):
     assert meta["config"]["qat"]["seq_len"] is None  # ... QAT at the run's length
     # ... and DPO distills the float model on the side, training the backbone slower than the adapters
     assert meta["config"]["dpo"]["kd_weight"] == 10.0 and meta["config"]["dpo"]["backbone_lr_ratio"] == 0.1
-    assert meta["config"]["dpo"]["lr"] == 3e-6  # ... in small steps (the 90% target: README)
+    assert meta["config"]["dpo"]["lr"] == 3e-6  # ... in small steps (the 90% target: docs/measurements/qlora.md)
     q = loaded.model.model.layers[1].mlp.down_proj
     assert isinstance(q, LoRALinear) and type(q.base).__name__ == "Int4Linear"
     with torch.inference_mode():

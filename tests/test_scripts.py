@@ -1,4 +1,4 @@
-"""scripts/qat_sweep.py (the README's QAT sweep) runs on the package's pieces, every variant at once."""
+"""scripts/qat_sweep.py (docs/measurements/qlora.md's QAT sweep) runs on the package's pieces, every variant at once."""
 
 import json
 import math
