@@ -321,6 +321,12 @@ def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart
 @click.option("--no-refit-scales", "refit_scales", flag_value=False, default=None,
               help="Keep GPTQ's group scales as chosen (default: once a linear's codes are fixed, re-solve each "
                    "row's scales by least squares on the calibration Hessian, kept only where that lowers the error).")
+@click.option("--gptq-propagation", type=float, default=None, metavar="ALPHA", show_default="0",
+              help="Correct each layer for the error the layers quantized before it pass on (QEP): GPTQ rounds "
+                   "W + ALPHA·W·Δ·H⁻¹, fitted so that the quantized layer's outputs on the inputs it gets match "
+                   "the float layer's on the float inputs (1: the full least-squares correction; 0: plain GPTQ). "
+                   "Runs a float copy of each layer beside it. Off in both presets (docs/measurements/spinquant.md: "
+                   "on SmolLM2's 32 calibration windows 1 overfits, 0.25 moved two rotation sets by -0.19 and +0.07).")
 @click.option("--calibration", default="wikitext2", show_default=True,
               help="Calibration set declared in calibration/ (never the evaluation split).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)

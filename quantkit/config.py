@@ -339,6 +339,10 @@ class SpinQuantConfig:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     act_order: bool = False  # GPTQ columns by decreasing activation energy (static groups)
     refit_scales: bool = True  # after GPTQ, least-squares scales for the fixed codes (quantkit.algorithms.gptq)
+    # GPTQ fits each layer's float outputs on the float model's inputs, not only its own: the correction
+    # W + α W Δ H⁻¹ for the error earlier layers pass on (quantkit.algorithms.gptq; 0 = plain GPTQ).
+    # Off in both presets: on SmolLM2 α = 1 overfit the cpu preset's windows, 0.25 was within draw noise (measured)
+    gptq_propagation: float = 0.0
     work_dir: Path | None = None  # resumable stage files; default: a hidden sibling of output
 
     def __post_init__(self) -> None:
@@ -350,11 +354,12 @@ class SpinQuantConfig:
         checks = {"seq_len": self.seq_len >= 2, "rotation_steps": self.rotation_steps >= 1,
                   "rotation_samples": self.rotation_samples >= 1, "gptq_samples": self.gptq_samples >= 1,
                   "rotation_lr": self.rotation_lr > 0, "damp": self.damp > 0, "rotation_draws": self.rotation_draws >= 1,
-                  "selection_windows": self.selection_windows >= 1, "selection_seq_len": self.selection_seq_len >= 2}
+                  "selection_windows": self.selection_windows >= 1, "selection_seq_len": self.selection_seq_len >= 2,
+                  "gptq_propagation": 0 <= self.gptq_propagation <= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise QuantkitError(f"invalid spinquant settings: {', '.join(f'{n}={getattr(self, n)}' for n in bad)} "
-                                "(need seq_len >= 2, positive counts, lr and damp)")
+                                "(need seq_len >= 2, positive counts, lr and damp, gptq_propagation in [0, 1])")
         if self.rotation_draws > 1:
             if self.rotations is not None or self.rotation_mode is RotationMode.NONE:
                 raise QuantkitError("--rotation-draws needs rotations to draw: drop --rotations / --rotation-mode none, "

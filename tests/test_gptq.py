@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.algorithms.gptq import (HessianHook, capture_layer_inputs, gptq_layer, gptq_quantize,
-                                     refit_scales)
+from quantkit.algorithms.gptq import (HessianHook, capture_layer_inputs, gptq_layer, gptq_model_, gptq_quantize,
+                                     layer_outputs, propagation_target, refit_scales)
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
 from quantkit.scheme import WeightClip
@@ -94,3 +94,44 @@ def test_refit_scales_lowers_each_rows_error_and_is_least_squares():
     eye = refit_scales(w, torch.eye(96, dtype=torch.float64), codes, scales.float(), 32)
     q, wg = codes.double().reshape(40, 3, 32), w.double().reshape(40, 3, 32)
     torch.testing.assert_close(eye.double(), (q * wg).sum(-1) / (q * q).sum(-1), rtol=1e-5, atol=1e-7)
+
+
+def test_propagation_target_is_the_least_squares_map_to_the_float_outputs():
+    """At α = 1, ``W + W Δ H⁻¹`` minimizes ‖X_f Wᵀ − X Tᵀ‖ over T; α scales it; Δ = 0 changes nothing."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(7)).double()
+    x_float = _correlated(400, 64, 8).double()
+    x = x_float + 0.3 * _correlated(400, 64, 9).double()  # the inputs after earlier layers' rounding
+    h, delta = x.T @ x / len(x), (x_float - x).T @ x / len(x)
+    lstsq = torch.linalg.lstsq(x, x_float @ w.T).solution.T  # [N, K]
+    torch.testing.assert_close(propagation_target(w, h, delta, 1.0, damp=1e-12), lstsq, rtol=1e-6, atol=1e-8)
+    half = propagation_target(w, h, delta, 0.5, damp=1e-12)
+    torch.testing.assert_close(half, (w + lstsq) / 2, rtol=1e-6, atol=1e-8)
+    assert torch.equal(propagation_target(w, h, torch.zeros_like(delta), 1.0), w)
+
+
+def test_propagation_brings_the_quantized_model_closer_to_the_float_one():
+    """GPTQ with the correction (α = 1) ends nearer the float model's last hidden states than plain GPTQ,
+    and α = 0 with a float reference is plain GPTQ, bit for bit."""
+    ids = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(10))
+    float_model = tiny_llama(seed=3, dtype=torch.float32, num_layers=4)
+    inputs, kwargs = capture_layer_inputs(float_model, ids)
+    target = inputs
+    for layer in float_model.model.layers:
+        target = layer_outputs(layer, target, kwargs)  # [n, L, D]: the float model's last hidden states
+
+    def last_hidden(alpha: float) -> torch.Tensor:
+        model = tiny_llama(seed=3, dtype=torch.float32, num_layers=4)
+        gptq_model_(model, ids, 4, 32, torch.float32, propagation=alpha)
+        hidden = inputs
+        for layer in model.model.layers:
+            hidden = layer_outputs(layer, hidden, kwargs)
+        return hidden
+
+    plain, corrected = last_hidden(0.0), last_hidden(1.0)
+    error = lambda h: ((h - target) ** 2).mean()  # noqa: E731
+    assert error(corrected) < 0.9 * error(plain)
+    layer = tiny_llama(seed=3, dtype=torch.float32, num_layers=4).model.layers[0]
+    copy_ = tiny_llama(seed=3, dtype=torch.float32, num_layers=4).model.layers[0]
+    codes_a, _ = gptq_layer(layer, inputs, kwargs, 4, 32, torch.float32)
+    codes_b, _ = gptq_layer(copy_, inputs, kwargs, 4, 32, torch.float32, reference=(copy_, inputs), propagation=0.0)
+    assert all(torch.equal(codes_a[n][0], codes_b[n][0]) for n in codes_a)

@@ -76,8 +76,9 @@ def test_input_transform_is_applied_before_either_kernel_backend(monkeypatch):
     assert kernels.backend_for(x) in (kernels.Backend.CPU, kernels.Backend.REFERENCE)
 
 
-def test_resume_after_interruption_gives_the_same_checkpoint(tiny_dir, tmp_path, data_dir, monkeypatch):
-    reference = run_spinquant(_config(tiny_dir, tmp_path / "ref", data_dir))
+@pytest.mark.parametrize("propagation", [0.0, 1.0])  # 1: the float chain's inputs are resumed too
+def test_resume_after_interruption_gives_the_same_checkpoint(tiny_dir, tmp_path, data_dir, monkeypatch, propagation):
+    reference = run_spinquant(_config(tiny_dir, tmp_path / "ref", data_dir, gptq_propagation=propagation))
     real = gptq_module.gptq_layer
     calls = []
 
@@ -90,7 +91,7 @@ def test_resume_after_interruption_gives_the_same_checkpoint(tiny_dir, tmp_path,
     import quantkit.pipelines.spinquant as pipeline
 
     monkeypatch.setattr(pipeline, "gptq_layer", interrupted)
-    config = _config(tiny_dir, tmp_path / "resumed", data_dir)
+    config = _config(tiny_dir, tmp_path / "resumed", data_dir, gptq_propagation=propagation)
     with pytest.raises(KeyboardInterrupt):
         run_spinquant(config)
     assert not config.output.exists()

@@ -17,6 +17,13 @@ scales fit the packed format and every kernel unchanged.
 * **Scale refit** (``refit``): with the codes fixed, the objective is quadratic in the scales, so
   each output row's G scales are re-solved by least squares (a G×G system per row); a row keeps
   its scales unless the refit, rounded to the stored dtype, lowers its error.
+* **Error propagation** (``propagation`` α, QEP): a layer's inputs ``X`` already carry the error of
+  the layers quantized before it, while the float model would have fed it ``X_f``. GPTQ then
+  quantizes the corrected weight ``W + α W Δ H⁻¹`` with ``Δ = (X_f − X)ᵀ X / T [K, K]`` (``H``
+  damped): at α = 1 that is the least-squares map taking the inputs it gets to the float outputs,
+  so ``‖X_f Wᵀ − X Qᵀ‖²`` is what GPTQ minimizes; α < 1 shrinks the correction (it is fitted on
+  the calibration windows). α = 0 is plain GPTQ. The float inputs come from a float copy of
+  each layer run beside it (:func:`gptq_model_` keeps that chain).
 * :func:`gptq_layer` runs one decoder layer **true-sequentially**: q/k/v from the layer's inputs,
   then o_proj from inputs computed with q/k/v already quantized, then gate/up, then down — each
   group's Hessian comes from a forward pass that stops right after the group, and the layer's
@@ -25,6 +32,7 @@ scales fit the packed format and every kernel unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -134,6 +142,32 @@ class HessianHook:
         self.hessian += x.T @ x / self.tokens
 
 
+class InputHook:
+    """Keeps the latest input ``[T, K]`` (after any pre-hook transforms) a linear saw, in float64."""
+
+    def __init__(self, module: nn.Linear):
+        self.x: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        self.x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+
+
+def propagation_target(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor, alpha: float,
+                       damp: float = 0.01) -> torch.Tensor:
+    """``W + α W Δ H⁻¹`` ``[N, K]``: the weight whose outputs on the quantized inputs best match the
+    float layer's on the float inputs (α = 1), for ``delta`` ``Δ = (X_f − X)ᵀ X / T`` and ``hessian``
+    ``H = Xᵀ X / T`` (damped as :func:`gptq_quantize` damps it)."""
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    w = weight.double()
+    # solve for (W Δ) H⁻¹ with H symmetric: Hᵀ Zᵀ = (W Δ)ᵀ
+    correction = torch.linalg.solve(h, (w @ delta.double()).T).T  # [N, K]
+    return (w + alpha * correction).to(weight.dtype)
+
+
 class _Stop(Exception):
     """Raised by a hook to end a calibration forward pass once the wanted inputs are seen."""
 
@@ -141,30 +175,42 @@ class _Stop(Exception):
 def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits: int, group_size: int,
                scale_dtype: torch.dtype, damp: float = 0.01, act_order: bool = False,
                clip: WeightClip = WeightClip.AMAX, refit: bool = False,
+               reference: tuple[nn.Module, torch.Tensor] | None = None, propagation: float = 0.0,
                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """GPTQ every linear of one decoder ``layer`` on its ``inputs [n, L, D]`` (one sample per forward).
 
     Returns ``{name: (codes, scales)}`` (names relative to the layer) and the quantized layer's
     outputs ``[n, L, D]`` — the next layer's inputs. The layer's float weights are left holding
-    the dequantized values.
+    the dequantized values. ``reference``: the float layer and its float inputs ``[n, L, D]``,
+    for the error-propagation correction at strength ``propagation`` (module docstring).
     """
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for group in SEQUENTIAL_GROUPS:
         mods = [layer.get_submodule(name) for name in group]
         hook = HessianHook(mods[0])  # the group's linears share one input, so one Hessian
-        stop = mods[-1].register_forward_hook(lambda *_: _raise_stop())
+        seen = float_seen = None
+        stops = []
+        if reference is not None and propagation:
+            seen = InputHook(mods[0])  # the group's quantized inputs and the float ones
+            float_seen = InputHook(reference[0].get_submodule(group[0]))
+            stops.append(reference[0].get_submodule(group[-1]).register_forward_hook(lambda *_: _raise_stop()))
+            delta = torch.zeros_like(hook.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
+        # registered after the input hooks: a one-linear group's stop must not fire before they record
+        stops.append(mods[-1].register_forward_hook(lambda *_: _raise_stop()))
         try:
             with torch.no_grad():
-                for x in inputs:  # [L, D]: one sample at a time bounds the activations' memory
-                    try:
-                        layer(x[None], **layer_kwargs)
-                    except _Stop:
-                        pass
+                for i, x in enumerate(inputs):  # [L, D]: one sample at a time bounds the activations' memory
+                    _run_until_stop(layer, x, layer_kwargs)
+                    if seen is not None:
+                        _run_until_stop(reference[0], reference[1][i], layer_kwargs)
+                        delta += (float_seen.x - seen.x).T @ seen.x
         finally:
-            stop.remove()
-            hook.handle.remove()
+            for handle in [*stops, hook.handle] + ([seen.handle, float_seen.handle] if seen else []):
+                handle.remove()
         # one GPTQ pass over the group's weights stacked by output rows: [sum N, K]
         stacked = torch.cat([mod.weight.detach().float() for mod in mods])
+        if seen is not None:
+            stacked = propagation_target(stacked, hook.hessian, delta / hook.tokens, propagation, damp)
         codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order,
                                       clip=clip, refit=refit)
         rows = [mod.out_features for mod in mods]
@@ -172,13 +218,25 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
             with torch.no_grad():
                 mod.weight.copy_(dequantize(c, s, group_size, mod.weight.dtype))
             results[name] = (c.contiguous(), s.contiguous())
-    with torch.no_grad():
-        outputs = torch.stack([layer(x[None], **layer_kwargs)[0] for x in inputs])
-    return results, outputs
+    return results, layer_outputs(layer, inputs, layer_kwargs)
+
+
+@torch.no_grad()
+def layer_outputs(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    """``layer`` on each sample of ``inputs [n, L, D]``: its outputs ``[n, L, D]``."""
+    return torch.stack([layer(x[None], **layer_kwargs)[0] for x in inputs])
 
 
 def _raise_stop() -> None:
     raise _Stop
+
+
+def _run_until_stop(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> None:
+    """One sample ``x [L, D]`` through ``layer`` until a hook raises :class:`_Stop`."""
+    try:
+        layer(x[None], **layer_kwargs)
+    except _Stop:
+        pass
 
 
 def capture_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -209,18 +267,23 @@ def capture_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Ten
 
 def gptq_model_(model: nn.Module, ids: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
                 clip: WeightClip = WeightClip.AMAX, refit: bool = True,
-                on_layer: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+                on_layer: Callable[[int], None] | None = None, propagation: float = 0.0) -> dict[str, torch.Tensor]:
     """GPTQ of every block linear of ``model`` on windows ``ids [n, L]``, layer by layer, in place.
 
     Each layer sees the previous quantized layers' outputs. The float weights are left holding
     the dequantized values; returns each linear's scales ``[N, K / group_size]`` by model name.
-    ``on_layer(i)`` runs after layer ``i`` (progress).
+    ``on_layer(i)`` runs after layer ``i`` (progress). ``propagation`` > 0 also runs each layer's
+    float copy on the float model's inputs, for the correction of the module docstring.
     """
     inputs, layer_kwargs = capture_layer_inputs(model, ids)  # [n, L, D]; kwargs: mask, rotary cos/sin
+    float_inputs = inputs  # [n, L, D]: the float model's, kept beside the quantized chain's
     scales: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(model.model.layers):
+        reference = (copy.deepcopy(layer), float_inputs) if propagation else None
         result, inputs = gptq_layer(layer, inputs, layer_kwargs, bits, group_size, scale_dtype, clip=clip,
-                                    refit=refit)
+                                    refit=refit, reference=reference, propagation=propagation)
+        if reference is not None:
+            float_inputs = layer_outputs(reference[0], float_inputs, layer_kwargs)
         scales.update({f"model.layers.{i}.{name}": s for name, (_, s) in result.items()})
         if on_layer is not None:
             on_layer(i)

@@ -26,7 +26,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 
-from quantkit.algorithms.gptq import capture_layer_inputs, gptq_layer
+from quantkit.algorithms.gptq import capture_layer_inputs, gptq_layer, layer_outputs
 from quantkit.algorithms.hadamard import supported
 from quantkit.algorithms.rotation import (Rotations, apply_rotations_, check_rotatable, fuse_norms_,
                                           learn_rotations, random_rotations)
@@ -201,10 +201,11 @@ def _gptq(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor,
     layers = model.model.layers
     inputs_file = stages / "gptq-inputs.safetensors"  # inputs of layer ``next`` (its metadata)
     inputs, layer_kwargs = capture_layer_inputs(model, ids)  # [n, L, D]; kwargs: mask, rotary cos/sin
+    float_inputs = inputs  # [n, L, D]: the float model's (--gptq-propagation), beside the quantized chain's
     start = 0
     if inputs_file.is_file():
         saved = load_file(str(inputs_file))
-        inputs, start = saved["inputs"], int(saved["next"])
+        inputs, float_inputs, start = saved["inputs"], saved.get("float_inputs", inputs), int(saved["next"])
     codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with progress_bar("GPTQ (layers)", len(layers)) as advance:
         advance(start)
@@ -216,13 +217,16 @@ def _gptq(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor,
                 codes.update({f"{prefix}.{k[:-6]}": (saved[k], saved[f"{k[:-6]}.scales"])
                               for k in saved if k.endswith(".codes")})
                 continue
+            reference = (copy.deepcopy(layer), float_inputs) if config.gptq_propagation else None
             result, inputs = gptq_layer(layer, inputs, layer_kwargs, scheme.linear_bits, scheme.group_size,
                                         scheme.scale_dtype.torch, config.damp, config.act_order,
-                                        scheme.weight_clip, config.refit_scales)
+                                        scheme.weight_clip, config.refit_scales, reference, config.gptq_propagation)
+            saved = {"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)}
+            if reference is not None:
+                float_inputs = saved["float_inputs"] = layer_outputs(reference[0], float_inputs, layer_kwargs)
             tensors = {f"{k}.{part}": t for k, (q, s) in result.items() for part, t in (("codes", q), ("scales", s))}
             atomic_file(lambda tmp, t=tensors: save_file(t, str(tmp)), layer_file)
-            atomic_file(lambda tmp: save_file({"inputs": inputs.contiguous(), "next": torch.tensor(i + 1)},
-                                               str(tmp)), inputs_file)
+            atomic_file(lambda tmp: save_file(saved, str(tmp)), inputs_file)
             codes.update({f"{prefix}.{k}": v for k, v in result.items()})
             advance()
     return codes
