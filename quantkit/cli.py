@@ -172,13 +172,15 @@ NO_CALIBRATION = "none"
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the side path is scaled by alpha / rank.")
 @click.option("--lora-init", type=click.Choice([k.value for k in LoRAInit]), default=None,
               help="Where the adapters start: `zero` (B = 0, so stage 2 starts as the stage-1 model; Meta's "
-                   "recipe) or `error` (LoftQ: the best rank-r approximation of what the int4 weights lost from "
+                   "recipe), `error` (LoftQ: the best rank-r approximation of what the int4 weights lost from "
                    "the float ones, weighted by --lora-init-samples calibration windows of inputs; keeps a "
-                   "float copy of the block weights and a K x K input Gram matrix per linear in memory). "
-                   "The cpu preset uses error, the full preset zero.")
+                   "float copy of the block weights and a K x K input Gram matrix per linear in memory) or "
+                   "`sequential` (as error, but layer by layer with the earlier adapters in place and a float "
+                   "copy of each layer run beside it, so each adapter also makes up for the error the earlier "
+                   "layers pass on; about twice error's time). The cpu preset uses error, the full preset zero.")
 @click.option("--lora-init-samples", type=int, default=None,
-              help="Calibration windows of --lora-seq-len tokens for --lora-init error (from --lora-calibration's "
-                   "set, else wikitext2). Default 32.")
+              help="Calibration windows of --lora-seq-len tokens for --lora-init error or sequential (from "
+                   "--lora-calibration's set, else wikitext2). Default 32.")
 @click.option("--lora-seq-len", type=int, default=None,
               help="Tokens per stage-2 training sequence and init window. Default: --seq-len. DPO's distillation "
                    "windows take this length too; its pairs keep --seq-len. The cpu preset uses 1024 "

@@ -193,16 +193,16 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
         if reference is not None and propagation:
             seen = InputHook(mods[0])  # the group's quantized inputs and the float ones
             float_seen = InputHook(reference[0].get_submodule(group[0]))
-            stops.append(reference[0].get_submodule(group[-1]).register_forward_hook(lambda *_: _raise_stop()))
+            stops.append(stop_after(reference[0].get_submodule(group[-1])))
             delta = torch.zeros_like(hook.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
         # registered after the input hooks: a one-linear group's stop must not fire before they record
-        stops.append(mods[-1].register_forward_hook(lambda *_: _raise_stop()))
+        stops.append(stop_after(mods[-1]))
         try:
             with torch.no_grad():
                 for i, x in enumerate(inputs):  # [L, D]: one sample at a time bounds the activations' memory
-                    _run_until_stop(layer, x, layer_kwargs)
+                    run_until_stop(layer, x, layer_kwargs)
                     if seen is not None:
-                        _run_until_stop(reference[0], reference[1][i], layer_kwargs)
+                        run_until_stop(reference[0], reference[1][i], layer_kwargs)
                         delta += (float_seen.x - seen.x).T @ seen.x
         finally:
             for handle in [*stops, hook.handle] + ([seen.handle, float_seen.handle] if seen else []):
@@ -227,11 +227,14 @@ def layer_outputs(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict) ->
     return torch.stack([layer(x[None], **layer_kwargs)[0] for x in inputs])
 
 
-def _raise_stop() -> None:
-    raise _Stop
+def stop_after(module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """End every forward pass right after ``module`` runs (:func:`run_until_stop` catches it)."""
+    def stop(*_) -> None:
+        raise _Stop
+    return module.register_forward_hook(stop)
 
 
-def _run_until_stop(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> None:
+def run_until_stop(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> None:
     """One sample ``x [L, D]`` through ``layer`` until a hook raises :class:`_Stop`."""
     try:
         layer(x[None], **layer_kwargs)

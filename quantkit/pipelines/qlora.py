@@ -46,7 +46,8 @@ from quantkit.progress import err, progress_bar
 from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
-from quantkit.training.lora import add_lora, check_rank, init_from_error_, lora_metadata, lora_modules, merge_lora_
+from quantkit.training.lora import (add_lora, check_rank, init_from_error_, init_sequential_, lora_metadata,
+                                    lora_modules, merge_lora_)
 from quantkit.training.qat import (QATLinear, convert_qat, grid_lr_ratios, prepare_qat, scale_lr_ratios,
                                    trainable_parameters)
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
@@ -75,7 +76,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     r4_hooks = fold_rotations_(model, config.seed, rotations, remedy="pass --no-qat-rotate") \
         if config.qat.rotate else []
     float_weights = {n: w.detach().clone() for n, w in _block_weights(model).items()} \
-        if config.lora.init is LoRAInit.ERROR else None  # what the adapters' init compares int4 with
+        if config.lora.init is not LoRAInit.ZERO else None  # what the adapters' init compares int4 with
     init_scales = _gptq_init(work / "gptq-init.safetensors", model, data, config) \
         if config.qat.init is QATInit.GPTQ else None  # weights left on GPTQ's grid
     prepare_qat(model, config.scheme, config.qat.learn_scales, init_scales)  # (1) QAT: fake-quantized, all trained
@@ -278,8 +279,10 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
 
 def _lora_stage(model, adapters: dict, float_weights: dict | None, data: _Data, config: QLoRAConfig,
                 progress: Path, teacher) -> dict:
-    if float_weights is not None:  # LoRAInit.ERROR (a resumed stage reloads its step checkpoint over it)
+    if config.lora.init is LoRAInit.ERROR:  # (a resumed stage reloads its step checkpoint over the init)
         _init_adapters_from_error(model, float_weights, data, config)
+    elif config.lora.init is LoRAInit.SEQUENTIAL:
+        _init_adapters_sequential(model, float_weights, data, config)
     return _sft_stage("lora", model, adapters, config.lora, data, config, progress, teacher)
 
 
@@ -314,10 +317,32 @@ def _init_adapters_from_error(model, float_weights: dict[str, torch.Tensor], dat
         base = wrapper.base
         if not isinstance(base, QATLinear):  # left float by the scheme: nothing lost, B stays 0
             continue
-        lost = float_weights[name] - base.fake_quantized_weight()  # [N, K], acting on what the base multiplies
-        if base.input_transform is InputTransform.HADAMARD:  # the base multiplies H x: as a map of x, lost H
-            lost = lost @ hadamard(torch.eye(base.in_features)).T
+        lost = _map_of_x(base, float_weights[name] - base.fake_quantized_weight())  # [N, K]
         init_from_error_(wrapper, lost, grams.pop(name))
+
+
+@torch.no_grad()
+def _init_adapters_sequential(model, float_weights: dict[str, torch.Tensor], data: _Data,
+                              config: QLoRAConfig) -> None:
+    """Each adapter := what its layer lost, earlier layers' error included (``lora.init_sequential_``),
+    on the same calibration windows as ``--lora-init error``."""
+    bases = {name: wrapper.base for name, wrapper in lora_modules(model).items()}
+    floats = {name: _map_of_x(base, float_weights[name]) for name, base in bases.items()}
+    quantized = {name: _map_of_x(base, base.fake_quantized_weight())
+                 for name, base in bases.items() if isinstance(base, QATLinear)}  # others lost nothing
+    ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples,
+                               config.stage_seq_len(config.lora))  # [n, L]
+    model.eval()
+    with progress_bar("LoRA init (layers)", len(model.model.layers)) as advance:
+        init_sequential_(model, floats, quantized, ids, on_layer=lambda _i: advance())
+
+
+def _map_of_x(base, weight: torch.Tensor) -> torch.Tensor:
+    """``weight [N, K]`` as a map of the adapter's input ``x``: an R4 base multiplies ``H x``, so ``W H``."""
+    weight = weight.detach().float()
+    if getattr(base, "input_transform", InputTransform.NONE) is InputTransform.HADAMARD:
+        return weight @ hadamard(torch.eye(base.in_features)).T
+    return weight
 
 
 def _block_weights(model) -> dict[str, torch.Tensor]:

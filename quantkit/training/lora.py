@@ -14,11 +14,15 @@ In a checkpoint the wrapped linear's tensors are ``<name>.base.*`` and the adapt
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from quantkit.algorithms.gptq import (SEQUENTIAL_GROUPS, HessianHook, InputHook, capture_layer_inputs,
+                                      layer_outputs, propagation_target, run_until_stop, stop_after)
 from quantkit.errors import QuantkitError
 from quantkit.kernels import SidePath
 from quantkit.modules import Int4Linear, block_linear_names
@@ -87,6 +91,57 @@ def init_from_error_(wrapper: LoRALinear, error: torch.Tensor, gram: torch.Tenso
     wrapper.lora_A.copy_(a)
 
 
+@torch.no_grad()
+def init_sequential_(model: nn.Module, float_weights: dict[str, torch.Tensor],
+                     quantized_weights: dict[str, torch.Tensor], ids: torch.Tensor, propagation: float = 1.0,
+                     on_layer: Callable[[int], None] | None = None) -> None:
+    """Start every adapter from what its layer lost, layer by layer, the earlier adapters already in place.
+
+    ``float_weights`` / ``quantized_weights``: each wrapped linear's float and quantized weight
+    ``[N, K]`` as maps of the adapter's own input ``x`` (by model name; a name missing from
+    ``quantized_weights`` lost nothing, its ``B`` stays 0). The blocks run on windows ``ids [n, L]``
+    in GPTQ's true-sequential groups, beside a float copy of each layer fed the float chain's
+    inputs. A group's adapters then approximate, at rank r and in the norm its inputs ``X`` see,
+    ``propagation_target(W) − Q``: the weight taking the inputs the quantized chain gives it to the
+    float layer's outputs on the float inputs (``propagation`` = 1), minus the quantized weight.
+    At 0 it is :func:`init_from_error_` with inputs from the already-corrected chain. Both chains
+    start from the model's own first-layer inputs (its int8 embedding's).
+    """
+    inputs, layer_kwargs = capture_layer_inputs(model, ids)  # [n, L, D]; kwargs: mask, rotary cos/sin
+    float_inputs = inputs  # [n, L, D]: the float chain's
+    prefix = _layers_prefix(model)
+    for i, layer in enumerate(model.model.layers):
+        names = {name: f"{prefix}{i}.{name}" for group in SEQUENTIAL_GROUPS for name in group}
+        reference = copy.deepcopy(layer)  # float copy: each wrapper -> a plain linear with the float weight
+        for name, full in names.items():
+            _set_submodule(reference, name, _plain_linear(float_weights[full], layer.get_submodule(name).base.bias))
+        for group in SEQUENTIAL_GROUPS:
+            first = layer.get_submodule(group[0])
+            gram, seen, float_seen = HessianHook(first), InputHook(first), InputHook(reference.get_submodule(group[0]))
+            stops = [stop_after(layer.get_submodule(group[-1])), stop_after(reference.get_submodule(group[-1]))]
+            delta = torch.zeros_like(gram.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
+            try:
+                for x, x_float in zip(inputs, float_inputs, strict=True):  # [L, D] each: one window at a time
+                    run_until_stop(layer, x, layer_kwargs)
+                    run_until_stop(reference, x_float, layer_kwargs)
+                    delta += (float_seen.x - seen.x).T @ seen.x
+            finally:
+                for handle in [*stops, gram.handle, seen.handle, float_seen.handle]:
+                    handle.remove()
+            for name in group:
+                full = names[name]
+                if full not in quantized_weights:
+                    continue
+                target = propagation_target(float_weights[full].double(), gram.hessian, delta / gram.tokens,
+                                            propagation)
+                init_from_error_(layer.get_submodule(name), target - quantized_weights[full].double(),
+                                 gram.hessian)
+        inputs = layer_outputs(layer, inputs, layer_kwargs)
+        float_inputs = layer_outputs(reference, float_inputs, layer_kwargs)
+        if on_layer is not None:
+            on_layer(i)
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, names: list[str] | None = None,
              dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every linear of every transformer block (or ``names``) in ``LoRALinear``; returns the names."""
@@ -140,6 +195,21 @@ def lora_metadata(model: nn.Module) -> dict | None:
 
 def add_lora_from_metadata(model: nn.Module, meta: dict) -> None:
     add_lora(model, meta["rank"], meta["alpha"], meta["modules"], getattr(torch, meta["dtype"]))
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen float32 ``nn.Linear`` holding copies of ``weight [N, K]`` and ``bias [N]``."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    return linear
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    """The module-name prefix of the decoder layers (``model.layers.``)."""
+    layers = model.model.layers
+    return next(name for name, mod in model.named_modules() if mod is layers) + "."
 
 
 def _param_dtype(mod: nn.Module) -> torch.dtype:
