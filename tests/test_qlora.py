@@ -298,21 +298,12 @@ def test_error_init_of_full_rank_adapters_restores_the_float_linears_under_r4(ti
     rot_file = _rotations_file(tiny_dir, tmp_path / "rot.safetensors")
     config = _config(tiny_dir, tmp_path / "q", data_dir, qat_rotations=str(rot_file), lora_init="error",
                      lora_init_samples=2, scheme=Scheme(act_bits=None))  # the weights alone lose anything
-    model = load_model(str(tiny_dir)).model.float()
     data = qlora_pipeline._Data(config, load_model(str(tiny_dir)).tokenizer)
+    model, float_weights = _rotated_qat_model_with_adapters(tiny_dir, rot_file, config.scheme, rank=None)
     with torch.no_grad():
-        for hook in fold_rotations_(model, seed=0, rotations=Rotations.load(rot_file)[0]):
-            hook.remove()  # R4 folded into the down_projs' weights; applied online below
-        float_weights = {n: w.clone() for n, w in qlora_pipeline._block_weights(model).items()}
-        prepare_qat(model, config.scheme, learn_scales=True)
-        for layer in model.model.layers:
-            layer.mlp.down_proj.input_transform = InputTransform.HADAMARD
-        names = [n for n in float_weights if not n.endswith(("k_proj", "v_proj"))]
-        add_lora(model, 64, 8.0, names)  # full rank: min(in, out) of each linear
-        add_lora(model, 32, 8.0, [n for n in float_weights if n not in names])
         x = {n: torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(1)) for n, w in float_weights.items()}
         before = {n: model.get_submodule(n)(x[n]) for n in float_weights}  # B = 0: the int4 linears
-        qlora_pipeline._init_adapters_from_error(model, float_weights, data, config)
+        qlora_pipeline._init_adapters(model, float_weights, data, config)
         for name, w in float_weights.items():
             down = name.endswith("down_proj")
             want = torch.nn.functional.linear(hadamard(x[name]) if down else x[name], w)  # the float linear
@@ -355,8 +346,7 @@ def test_full_rank_adapters_from_either_error_init_restore_the_float_model(init,
     want = _hidden(_float_rotated(tiny_dir, rot_file), ids)
     assert (_hidden(model, ids) - want).abs().max() > 1e-3 * want.abs().max()  # B = 0: int4 loses something
     with torch.no_grad():
-        getattr(qlora_pipeline, f"_init_adapters_{'from_error' if init == 'error' else init}")(
-            model, float_weights, data, config)
+        qlora_pipeline._init_adapters(model, float_weights, data, config)
     torch.testing.assert_close(_hidden(model, ids), want, atol=2e-3, rtol=2e-3)
 
 
@@ -373,8 +363,7 @@ def test_sequential_init_brings_the_model_closer_to_the_float_one_than_the_per_l
         want = _hidden(_float_rotated(tiny_dir, rot_file), ids)
         errors["start"] = (_hidden(model, ids) - want).norm() / want.norm()
         with torch.no_grad():
-            getattr(qlora_pipeline, f"_init_adapters_{'from_error' if init == 'error' else init}")(
-                model, float_weights, data, config)
+            qlora_pipeline._init_adapters(model, float_weights, data, config)
         errors[init] = (_hidden(model, ids) - want).norm() / want.norm()
     # measured 0.108 < 0.176 < 0.264 (at propagation 0 the sequential init gives 0.174: the float chain's work)
     assert errors["sequential"] < 0.8 * errors["error"] and errors["error"] < errors["start"], errors

@@ -279,11 +279,16 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
 
 def _lora_stage(model, adapters: dict, float_weights: dict | None, data: _Data, config: QLoRAConfig,
                 progress: Path, teacher) -> dict:
-    if config.lora.init is LoRAInit.ERROR:  # (a resumed stage reloads its step checkpoint over the init)
+    _init_adapters(model, float_weights, data, config)  # (a resumed stage reloads its step checkpoint over it)
+    return _sft_stage("lora", model, adapters, config.lora, data, config, progress, teacher)
+
+
+def _init_adapters(model, float_weights: dict[str, torch.Tensor] | None, data: _Data, config: QLoRAConfig) -> None:
+    """The adapters' start by ``--lora-init`` (zero: LoRA's own, already there)."""
+    if config.lora.init is LoRAInit.ERROR:
         _init_adapters_from_error(model, float_weights, data, config)
     elif config.lora.init is LoRAInit.SEQUENTIAL:
         _init_adapters_sequential(model, float_weights, data, config)
-    return _sft_stage("lora", model, adapters, config.lora, data, config, progress, teacher)
 
 
 @torch.no_grad()
