@@ -187,31 +187,14 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for group in SEQUENTIAL_GROUPS:
         mods = [layer.get_submodule(name) for name in group]
-        hook = HessianHook(mods[0])  # the group's linears share one input, so one Hessian
-        seen = float_seen = None
-        stops = []
-        if reference is not None and propagation:
-            seen = InputHook(mods[0])  # the group's quantized inputs and the float ones
-            float_seen = InputHook(reference[0].get_submodule(group[0]))
-            stops.append(stop_after(reference[0].get_submodule(group[-1])))
-            delta = torch.zeros_like(hook.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
-        # registered after the input hooks: a one-linear group's stop must not fire before they record
-        stops.append(stop_after(mods[-1]))
-        try:
-            with torch.no_grad():
-                for i, x in enumerate(inputs):  # [L, D]: one sample at a time bounds the activations' memory
-                    run_until_stop(layer, x, layer_kwargs)
-                    if seen is not None:
-                        run_until_stop(reference[0], reference[1][i], layer_kwargs)
-                        delta += (float_seen.x - seen.x).T @ seen.x
-        finally:
-            for handle in [*stops, hook.handle] + ([seen.handle, float_seen.handle] if seen else []):
-                handle.remove()
+        with_reference = reference is not None and propagation
+        hessian, delta = group_statistics(layer, group, inputs, layer_kwargs,
+                                          reference if with_reference else None)
         # one GPTQ pass over the group's weights stacked by output rows: [sum N, K]
         stacked = torch.cat([mod.weight.detach().float() for mod in mods])
-        if seen is not None:
-            stacked = propagation_target(stacked, hook.hessian, delta / hook.tokens, propagation, damp)
-        codes, scales = gptq_quantize(stacked, hook.hessian, bits, group_size, scale_dtype, damp, act_order,
+        if delta is not None:
+            stacked = propagation_target(stacked, hessian, delta, propagation, damp)
+        codes, scales = gptq_quantize(stacked, hessian, bits, group_size, scale_dtype, damp, act_order,
                                       clip=clip, refit=refit)
         rows = [mod.out_features for mod in mods]
         for name, mod, c, s in zip(group, mods, codes.split(rows), scales.split(rows), strict=True):
@@ -221,20 +204,53 @@ def gptq_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict, bits:
     return results, layer_outputs(layer, inputs, layer_kwargs)
 
 
+def group_statistics(layer: nn.Module, group: tuple[str, ...], inputs: torch.Tensor, layer_kwargs: dict,
+                     reference: tuple[nn.Module, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What one true-sequential ``group`` of ``layer``'s linears sees over ``inputs [n, L, D]``.
+
+    Returns ``H = Xᵀ X / T`` ``[K, K]`` of the group's shared input ``X`` and, given ``reference``
+    (the float layer and its own inputs ``[n, L, D]``), ``Δ = (X_f − X)ᵀ X / T`` ``[K, K]`` with
+    ``X_f`` what the float layer's group sees (else None). Each forward ends after the group's last
+    linear, one sample at a time (bounding the activations' memory).
+    """
+    first = layer.get_submodule(group[0])
+    gram = HessianHook(first)
+    seen = float_seen = None
+    stops = []
+    if reference is not None:
+        seen, float_seen = InputHook(first), InputHook(reference[0].get_submodule(group[0]))
+        stops.append(_stop_after(reference[0].get_submodule(group[-1])))
+        delta = torch.zeros_like(gram.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
+    # registered after the input hooks: a one-linear group's stop must not fire before they record
+    stops.append(_stop_after(layer.get_submodule(group[-1])))
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(inputs):  # [L, D]
+                _run_until_stop(layer, x, layer_kwargs)
+                if seen is not None:
+                    _run_until_stop(reference[0], reference[1][i], layer_kwargs)
+                    delta += (float_seen.x - seen.x).T @ seen.x
+    finally:
+        for handle in [*stops, gram.handle] + ([seen.handle, float_seen.handle] if seen else []):
+            handle.remove()
+    return gram.hessian, (delta / gram.tokens if seen is not None else None)
+
+
 @torch.no_grad()
 def layer_outputs(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
     """``layer`` on each sample of ``inputs [n, L, D]``: its outputs ``[n, L, D]``."""
     return torch.stack([layer(x[None], **layer_kwargs)[0] for x in inputs])
 
 
-def stop_after(module: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """End every forward pass right after ``module`` runs (:func:`run_until_stop` catches it)."""
+def _stop_after(module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """End every forward pass right after ``module`` runs (:func:`_run_until_stop` catches it)."""
     def stop(*_) -> None:
         raise _Stop
     return module.register_forward_hook(stop)
 
 
-def run_until_stop(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> None:
+def _run_until_stop(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> None:
     """One sample ``x [L, D]`` through ``layer`` until a hook raises :class:`_Stop`."""
     try:
         layer(x[None], **layer_kwargs)

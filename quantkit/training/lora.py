@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quantkit.algorithms.gptq import (SEQUENTIAL_GROUPS, HessianHook, InputHook, capture_layer_inputs,
-                                      layer_outputs, propagation_target, run_until_stop, stop_after)
+from quantkit.algorithms.gptq import (SEQUENTIAL_GROUPS, capture_layer_inputs, group_statistics, layer_outputs,
+                                      propagation_target)
 from quantkit.errors import QuantkitError
 from quantkit.kernels import SidePath
 from quantkit.modules import Int4Linear, block_linear_names
@@ -116,26 +116,13 @@ def init_sequential_(model: nn.Module, float_weights: dict[str, torch.Tensor],
         for name, full in names.items():
             _set_submodule(reference, name, _plain_linear(float_weights[full], layer.get_submodule(name).base.bias))
         for group in SEQUENTIAL_GROUPS:
-            first = layer.get_submodule(group[0])
-            gram, seen, float_seen = HessianHook(first), InputHook(first), InputHook(reference.get_submodule(group[0]))
-            stops = [stop_after(layer.get_submodule(group[-1])), stop_after(reference.get_submodule(group[-1]))]
-            delta = torch.zeros_like(gram.hessian)  # Σ (x_f − x)ᵀ x, [K, K]
-            try:
-                for x, x_float in zip(inputs, float_inputs, strict=True):  # [L, D] each: one window at a time
-                    run_until_stop(layer, x, layer_kwargs)
-                    run_until_stop(reference, x_float, layer_kwargs)
-                    delta += (float_seen.x - seen.x).T @ seen.x
-            finally:
-                for handle in [*stops, gram.handle, seen.handle, float_seen.handle]:
-                    handle.remove()
+            hessian, delta = group_statistics(layer, group, inputs, layer_kwargs, (reference, float_inputs))
             for name in group:
                 full = names[name]
                 if full not in quantized_weights:
                     continue
-                target = propagation_target(float_weights[full].double(), gram.hessian, delta / gram.tokens,
-                                            propagation)
-                init_from_error_(layer.get_submodule(name), target - quantized_weights[full].double(),
-                                 gram.hessian)
+                target = propagation_target(float_weights[full].double(), hessian, delta, propagation)
+                init_from_error_(layer.get_submodule(name), target - quantized_weights[full].double(), hessian)
         inputs = layer_outputs(layer, inputs, layer_kwargs)
         float_inputs = layer_outputs(reference, float_inputs, layer_kwargs)
         if on_layer is not None:
