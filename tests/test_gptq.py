@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantkit.algorithms.gptq import (HessianHook, capture_layer_inputs, gptq_layer, gptq_model_, gptq_quantize,
-                                     layer_outputs, propagation_target, refit_scales)
+                                     group_statistics, layer_outputs, propagation_target, refit_scales)
 from quantkit.model import tiny_llama
 from quantkit.primitives import choose_scales, dequantize, quantize_dequantize
 from quantkit.scheme import WeightClip
@@ -135,3 +135,35 @@ def test_propagation_brings_the_quantized_model_closer_to_the_float_one():
     codes_a, _ = gptq_layer(layer, inputs, kwargs, 4, 32, torch.float32)
     codes_b, _ = gptq_layer(copy_, inputs, kwargs, 4, 32, torch.float32, reference=(copy_, inputs), propagation=0.0)
     assert all(torch.equal(codes_a[n][0], codes_b[n][0]) for n in codes_a)
+
+
+def test_group_statistics_hessian_and_delta():
+    """The group's Hessian is Xᵀ X / T of what its first linear sees (the MLP's gate_proj: the
+    post-norm hidden states); against an identical copy Δ is 0, against a perturbed float copy it is
+    (X_f − X)ᵀ X / T, both checked against inputs captured by a plain forward pre-hook."""
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
+    model = tiny_llama(seed=5, dtype=torch.float32, num_layers=1)
+    inputs, kwargs = capture_layer_inputs(model, ids)  # [n, L, D]
+    layer = model.model.layers[0]
+    group = ("mlp.gate_proj", "mlp.up_proj")
+    float_layer = tiny_llama(seed=5, dtype=torch.float32, num_layers=1).model.layers[0]
+    with torch.no_grad():
+        float_layer.self_attn.o_proj.weight.mul_(1.5)  # the float chain's MLP input differs from the quantized one's
+
+    def mlp_inputs(module: torch.nn.Module) -> torch.Tensor:  # [n * L, D], float64
+        seen = []
+        handle = module.mlp.gate_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0].double()))
+        layer_outputs(module, inputs, kwargs)
+        handle.remove()
+        return torch.cat(seen)
+
+    x, x_f = mlp_inputs(layer), mlp_inputs(float_layer)
+    hessian, delta = group_statistics(layer, group, inputs, kwargs)
+    torch.testing.assert_close(hessian, x.T @ x / len(x))
+    assert delta is None
+    same = tiny_llama(seed=5, dtype=torch.float32, num_layers=1).model.layers[0]  # an identical float copy
+    _, delta_same = group_statistics(layer, group, inputs, kwargs, (same, inputs))
+    assert torch.count_nonzero(delta_same) == 0
+    _, delta_f = group_statistics(layer, group, inputs, kwargs, (float_layer, inputs))
+    torch.testing.assert_close(delta_f, (x_f - x).T @ x / len(x))
+    assert delta_f.abs().max() > 0
