@@ -235,6 +235,16 @@ NO_CALIBRATION = "none"
                    "of what QAT bought). Default: keep them as an unmerged bf16 side path.")
 @click.option("--restart", is_flag=True, help="Discard the stage results of an unfinished run instead of resuming.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and held-out split.")
+@click.option("--draws", type=int, default=None, show_default="1",
+              help="Best of N for stages 1-2: run QAT and LoRA N times (seeds SEED, SEED+1, ...: their calibration "
+                   "windows, GPTQ start, data order and adapter init) and keep the stage-2 model that scores the "
+                   "lowest perplexity on --selection-data; DPO then runs once, from it. N times stages 1-2's work, "
+                   "and one more float model in memory.")
+@click.option("--selection-data", default=None, show_default="c4",
+              help="Held-out calibration set that picks the draw; must differ from the sets stages 1-2 train on.")
+@click.option("--selection-windows", type=int, default=None, show_default="16",
+              help="Windows of --selection-data scored per draw.")
+@click.option("--selection-seq-len", type=int, default=None, show_default="2048", help="Tokens per selection window.")
 @scheme_options
 def qlora(model: str | None, output: Path, overwrite: bool, preset: str, restart: bool, merge_lora: bool,
           seed: int, group_size: int, scale_dtype: str, weight_clip: str | None, batch_size: int | None,

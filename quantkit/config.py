@@ -181,6 +181,13 @@ class QLoRAConfig:
     save_every: int = 50  # steps between resumable step checkpoints inside a stage
     merge_lora: bool = False  # fold the adapters into the weights before packing (requantizes them)
     seed: int = 0
+    # Best of N for stages 1-2: QAT and LoRA from N seeds (seed, seed + 1, ...: each draw's calibration
+    # windows, GPTQ start, training order and adapters' init), keeping the stage-2 model whose perplexity
+    # on held-out text (never a set the stages train on, never the evaluation split) is the lowest
+    draws: int = 1
+    selection_data: str = "c4"
+    selection_windows: int = 16
+    selection_seq_len: int = 2048
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -209,6 +216,16 @@ class QLoRAConfig:
         for stage in (self.qat, self.lora):
             if stage.calibration is not None:
                 calibration_set(stage.calibration)
+        if self.draws < 1 or self.selection_windows < 1 or self.selection_seq_len < 2:
+            raise QuantkitError(f"--draws and --selection-windows must be >= 1 and --selection-seq-len >= 2 "
+                                f"(got {self.draws}, {self.selection_windows}, {self.selection_seq_len})")
+        if self.draws > 1:
+            calibration_set(self.selection_data)
+            # each stage's set; a stage on the SFT data still calibrates its init (GPTQ, adapters) on wikitext2
+            trained_on = {stage.calibration or "wikitext2" for stage in (self.qat, self.lora)}
+            if self.selection_data in trained_on:
+                raise QuantkitError(f"--selection-data {self.selection_data} is a set stages 1-2 train or "
+                                    "calibrate on; pick another (e.g. c4 with the cpu preset's wikitext2)")
 
     def stage_seq_len(self, stage: QATStageConfig | LoRAStageConfig) -> int:
         """Tokens per sequence of ``stage``: its own ``seq_len``, else the run's."""

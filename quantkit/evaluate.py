@@ -9,11 +9,14 @@ the reference code's ``exp(mean over windows of the window's mean loss)``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from quantkit.checkpoint import atomic_file
 from quantkit.data import encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
 from quantkit.progress import progress_bar
@@ -61,3 +64,14 @@ def wikitext2_perplexity(model: torch.nn.Module, tokenizer, seq_len: int = 2048,
         raise QuantkitError("this model has no tokenizer, so it cannot be scored on text; "
                             "put tokenizer files next to it or use a model that has them")
     return perplexity(model, encode(tokenizer, wikitext2_test_text(data_dir)), seq_len, max_windows, description)
+
+
+def selection_perplexity(model: torch.nn.Module, held_out: torch.Tensor, path: Path, description: str) -> float:
+    """A best-of-N draw's perplexity on held-out windows ``[n, L]`` (each scored alone), kept in
+    ``path`` as JSON: a resumed run reads it back instead of scoring the same model again."""
+    if path.is_file():
+        return json.loads(path.read_text())["perplexity"]
+    n, seq_len = held_out.shape
+    ppl = perplexity(model.eval(), held_out.flatten(), seq_len, n, description).perplexity
+    atomic_file(lambda tmp: tmp.write_text(json.dumps({"perplexity": ppl}) + "\n"), path)
+    return ppl

@@ -1,6 +1,7 @@
 """The qlora pipeline end to end on a tiny model: CLI, report, resume, NaN, merge, bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -128,6 +129,61 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path
         assert torch.equal(a[k], b[k]), k
     ra, rb = (json.loads((tmp_path / d / REPORT_FILE).read_text()) for d in ("a", "b"))
     assert ra == rb
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_best_of_n_keeps_the_draw_with_the_lowest_held_out_perplexity_and_resumes(winner, tiny_dir, tmp_path,
+                                                                                   data_dir, monkeypatch):
+    # The draws' scores are set here so that either draw can win; the real ones are checked below.
+    scores, scored = {0: 2.0, 1: 2.0}, []
+    scores[winner] = 1.0
+
+    def fixed_score(model, held_out, path, label):
+        assert held_out.shape == (2, 32)  # --selection-windows x --selection-seq-len of c4
+        draw = path.parent.name
+        scored.append(draw)
+        if not path.is_file():  # kept like the real one, so a resumed run reads it back
+            path.write_text(json.dumps({"perplexity": scores[int(draw.removeprefix("draw"))]}))
+        return json.loads(path.read_text())["perplexity"]
+
+    monkeypatch.setattr(qlora_pipeline, "selection_perplexity", fixed_score)
+    real_save = loops.save_progress
+
+    def crash_in_second_draws_qat(progress_dir, *args):
+        real_save(progress_dir, *args)
+        if progress_dir.parent.name == "draw1" and progress_dir.name == "qat.progress":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loops, "save_progress", crash_in_second_draws_qat)
+    options = dict(dpo_steps=0, draws=2, selection_windows=2, selection_seq_len=32)
+    config = _config(tiny_dir, tmp_path / "best", data_dir, **options)
+    with pytest.raises(KeyboardInterrupt):
+        run_qlora(config)
+    work = tmp_path / "best.stages"
+    assert (work / "draw0" / "lora" / "stage.json").is_file() and (work / "draw0" / "selection.json").is_file()
+    monkeypatch.setattr(loops, "save_progress", real_save)
+    run_qlora(config)  # resumes: draw 0 reloaded, draw 1 from its step checkpoint
+    report = json.loads((tmp_path / "best" / REPORT_FILE).read_text())
+    assert report["draws"] == {"chosen_seed": winner, "selection_perplexity": {"0": scores[0], "1": scores[1]}}
+    assert scored == ["draw0", "draw0", "draw1"]
+
+    # The kept stage-2 model is exactly the one-draw run from the winner's seed (DPO trains nothing here).
+    run_qlora(_config(tiny_dir, tmp_path / "one", data_dir, dpo_steps=0, seed=winner))
+    best, one = _tensors(tmp_path / "best"), _tensors(tmp_path / "one")
+    assert best.keys() == one.keys() and all(torch.equal(best[k], one[k]) for k in best)
+    loser = _config(tiny_dir, tmp_path / "other", data_dir, dpo_steps=0, seed=1 - winner)
+    run_qlora(loser)
+    other = _tensors(tmp_path / "other")
+    assert any(not torch.equal(best[k], other[k]) for k in best)  # the draws differ: the choice matters
+
+
+def test_best_of_n_scores_each_stage_2_model_on_the_held_out_set(tiny_dir, tmp_path, data_dir):
+    run_qlora(_config(tiny_dir, tmp_path / "q", data_dir, dpo_steps=0, draws=2, selection_windows=2,
+                      selection_seq_len=32))
+    draws = json.loads((tmp_path / "q" / REPORT_FILE).read_text())["draws"]
+    ppl = draws["selection_perplexity"]
+    assert set(ppl) == {"0", "1"} and ppl["0"] != ppl["1"] and all(math.isfinite(p) and p > 1 for p in ppl.values())
+    assert draws["chosen_seed"] == int(min(ppl, key=ppl.get))
 
 
 def test_nan_loss_stops_the_stage_and_keeps_finished_stages(tiny_dir, tmp_path, data_dir, monkeypatch):
@@ -342,7 +398,7 @@ def test_full_rank_adapters_from_either_error_init_restore_the_float_model(init,
                      lora_init_samples=2, scheme=scheme)
     data = qlora_pipeline._Data(config, load_model(str(tiny_dir)).tokenizer)
     model, float_weights = _rotated_qat_model_with_adapters(tiny_dir, rot_file, scheme, rank=None)
-    ids = data.calibration_ids("wikitext2", 2, 40)
+    ids = data.calibration_ids("wikitext2", 2, 40, config.seed)
     want = _hidden(_float_rotated(tiny_dir, rot_file), ids)
     assert (_hidden(model, ids) - want).abs().max() > 1e-3 * want.abs().max()  # B = 0: int4 loses something
     with torch.no_grad():
@@ -359,7 +415,7 @@ def test_sequential_init_brings_the_model_closer_to_the_float_one_than_the_per_l
                          lora_init_samples=4)
         data = qlora_pipeline._Data(config, load_model(str(tiny_dir)).tokenizer)
         model, float_weights = _rotated_qat_model_with_adapters(tiny_dir, rot_file, config.scheme, rank=4)
-        ids = data.calibration_ids("wikitext2", 4, 40)  # the init's own windows
+        ids = data.calibration_ids("wikitext2", 4, 40, config.seed)  # the init's own windows
         want = _hidden(_float_rotated(tiny_dir, rot_file), ids)
         errors["start"] = (_hidden(model, ids) - want).norm() / want.norm()
         with torch.no_grad():
@@ -426,6 +482,9 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--lora-seq-len", "4"), "--lora-seq-len must be >= 8"),
     (("--qat-seq-len", "7"), "--qat-seq-len must be >= 8"),
     (("--dpo-backbone-lr-ratio", "0"), "--dpo-backbone-lr-ratio must be > 0"),
+    (("--draws", "0"), "--draws and --selection-windows must be >= 1"),
+    (("--draws", "2", "--selection-data", "wikitext2"), "--selection-data wikitext2 is a set stages 1-2 train"),
+    (("--draws", "2", "--selection-data", "nope"), "nope"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(args, needle, tiny_dir, tmp_path, data_dir):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')

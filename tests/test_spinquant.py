@@ -133,6 +133,7 @@ def test_best_of_draws_keeps_the_draw_with_the_lowest_held_out_perplexity(tiny_d
 
 
 def test_best_of_draws_follows_the_scores_and_resumes_without_relearning(tiny_dir, tmp_path, data_dir, monkeypatch):
+    import quantkit.evaluate as evaluate
     import quantkit.pipelines.spinquant as pipeline
     from quantkit.evaluate import PerplexityResult
 
@@ -148,11 +149,11 @@ def test_best_of_draws_follows_the_scores_and_resumes_without_relearning(tiny_di
 
     single = load_file(str(run_spinquant(_config(tiny_dir, tmp_path / "one", data_dir)) / "model.safetensors"))
     scored, queue = scores(3.0, 5.0)
-    monkeypatch.setattr(pipeline, "perplexity", scored)
+    monkeypatch.setattr(evaluate, "perplexity", scored)  # what the draws' selection_perplexity scores with
     first = run_spinquant(_config(tiny_dir, tmp_path / "first", data_dir, **DRAWS))
 
     scored, queue = scores(5.0, None, 3.0)  # draw 0 scored, Ctrl-C while scoring draw 1, then the rerun
-    monkeypatch.setattr(pipeline, "perplexity", scored)
+    monkeypatch.setattr(evaluate, "perplexity", scored)
     config = _config(tiny_dir, tmp_path / "second", data_dir, **DRAWS)
     with pytest.raises(KeyboardInterrupt):
         run_spinquant(config)

@@ -13,6 +13,10 @@
    stage-2 model; a held-out slice of pairs is scored before and after. Optionally (the cpu
    preset) each step adds the distillation loss on a calibration window, weighted by ``kd_weight``.
 
+Best of N (``draws``): stages 1-2 run from N seeds, each draw on its own copy of the float model
+(its stages in ``draw{i}/``, its held-out score the last); the stage-2 model with the lowest
+perplexity on the selection set goes on to DPO.
+
 Training runs on float32 master weights (bf16 would round away small updates); the release
 casts the remaining float tensors (norms, adapters) to bf16. The packed checkpoint keeps the
 adapters as an unmerged side path (``--merge-lora`` folds them in, which requantizes).
@@ -25,7 +29,9 @@ a stage). The directory is removed once the checkpoint is written.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -38,7 +44,7 @@ from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import LoRAInit, QATInit, QLoRAConfig
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import perplexity
+from quantkit.evaluate import perplexity, selection_perplexity
 from quantkit.model import load_model
 from quantkit.kernels import hadamard
 from quantkit.modules import InputTransform, Int8Embedding, block_linear_names
@@ -72,6 +78,62 @@ def run_qlora(config: QLoRAConfig) -> Path:
 
     # The distillation teacher: a frozen float32 copy of the starting model (the bf16 baseline's weights).
     teacher = copy.deepcopy(model).requires_grad_(False).eval() if config.needs_teacher else None
+    # (1)-(2) once, or best of N: each draw on its own copy of the float model, with its own seed
+    held_out = None if config.draws == 1 else calibration_tokens(
+        tok, config.selection_data, config.selection_windows, config.selection_seq_len, config.seed,
+        config.data_dir)  # [n_sel, L_sel], never trained on
+    best: _Draw | None = None
+    for i in range(config.draws):
+        draw_model, draw_work = (model, work) if held_out is None else (copy.deepcopy(model), work / f"draw{i}")
+        draw = _qat_and_lora(draw_model, rotations, teacher, data, dataclasses.replace(config, seed=config.seed + i),
+                             draw_work)
+        if held_out is not None:
+            draw.score = selection_perplexity(draw.model, held_out, draw_work / "selection.json",
+                                              f"draw {i + 1}/{config.draws}: held-out ppl")
+            err.print(f"draw {i + 1} (seed {draw.seed}): stage-2 model's held-out {config.selection_data} "
+                      f"perplexity {draw.score:.3f}")
+        if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
+            best = draw
+        del draw, draw_model
+    model, loaded = best.model, dataclasses.replace(loaded, model=best.model)
+    report.update(best.report)
+    if held_out is not None:
+        report["draws"] = {"chosen_seed": best.seed, "selection_perplexity": {
+            str(config.seed + i): json.loads((work / f"draw{i}" / "selection.json").read_text())["perplexity"]
+            for i in range(config.draws)}}
+    if not (config.dpo.kd_weight and config.dpo.steps):
+        teacher = None  # DPO has its own (stage-2) reference; free the copy
+
+    model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
+    report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress,
+                                                                              teacher))
+
+    if config.merge_lora:
+        merge_lora_(model)  # requantized below: what QAT bought for these weights is partly lost
+    plan = convert_qat(model, config.scheme)  # packed int4 / int8: the grid QAT trained on
+    _release_dtypes(model)
+    path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="qlora", method=Method.QAT.value,
+                           config=config.to_dict(), overwrite=config.overwrite, lora=lora_metadata(model),
+                           extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+@dataclasses.dataclass
+class _Draw:
+    """Stages 1-2 finished from one seed: the stage-2 model, their report and (best of N) its held-out score."""
+
+    seed: int
+    model: torch.nn.Module
+    report: dict
+    score: float = math.nan
+
+
+def _qat_and_lora(model, rotations: Rotations | None, teacher, data: _Data, config: QLoRAConfig,
+                  work: Path) -> _Draw:
+    """(1) QAT, then (2) LoRA on the frozen QAT backbone, on the float ``model`` in place (stages in ``work``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    report = {}
     # R1/R2 (R4) folded into the weights: the same float model, flatter activations; R4 as hooks for now
     r4_hooks = fold_rotations_(model, config.seed, rotations, remedy="pass --no-qat-rotate") \
         if config.qat.rotate else []
@@ -101,23 +163,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     report["lora"] = run_stage(work, "lora", model, lambda progress: _lora_stage(
         model, adapters, float_weights, data, config, progress, teacher))
-    float_weights = None
-    if not (config.dpo.kd_weight and config.dpo.steps):
-        teacher = None  # DPO has its own (stage-2) reference; free the copy
-
-    model.requires_grad_(True)  # (3) DPO: backbone and adapters, against the frozen stage-2 model
-    report["dpo"] = run_stage(work, "dpo", model, lambda progress: _dpo_stage(model, data, config, work, progress,
-                                                                              teacher))
-
-    if config.merge_lora:
-        merge_lora_(model)  # requantized below: what QAT bought for these weights is partly lost
-    plan = convert_qat(model, config.scheme)  # packed int4 / int8: the grid QAT trained on
-    _release_dtypes(model)
-    path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="qlora", method=Method.QAT.value,
-                           config=config.to_dict(), overwrite=config.overwrite, lora=lora_metadata(model),
-                           extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
-    shutil.rmtree(work, ignore_errors=True)
-    return path
+    return _Draw(config.seed, model, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +191,7 @@ def _gptq_init(path: Path, model, data: _Data, config: QLoRAConfig) -> dict[str,
     if not path.is_file():
         scheme, stage = config.scheme, config.qat
         ids = data.calibration_ids(stage.calibration or "wikitext2", stage.init_samples,
-                                   config.stage_seq_len(stage))  # [n, seq_len]
+                                   config.stage_seq_len(stage), config.seed)  # [n, seq_len]
         with progress_bar("GPTQ init (layers)", len(model.model.layers)) as advance:
             scales = gptq_model_(model, ids, scheme.linear_bits, scheme.group_size, scheme.scale_dtype.torch,
                                  scheme.weight_clip, on_layer=lambda _i: advance())
@@ -173,7 +219,7 @@ class _Data:
         # Held out: a seeded random slice, never trained on.
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()
         # the pairs' length is the run's seq_len; the SFT stages pass their own (QLoRAConfig.stage_seq_len)
-        self._tok, self._seq_len, self._seed, self._data_dir = tok, config.seq_len, config.seed, config.data_dir
+        self._tok, self._seq_len, self._data_dir = tok, config.seq_len, config.data_dir
         self._train_pairs = [pairs[i] for i in order[n_heldout:]]
         self.heldout = [self._tokenized(pairs[i]) for i in order[:n_heldout]]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -188,13 +234,13 @@ class _Data:
         record = self._sft[i]
         return tokenize(self._tok, record.messages[:-1], record.messages[-1]["content"], seq_len)
 
-    def calibration_ids(self, name: str, n: int, seq_len: int) -> torch.Tensor:
-        """``n`` seeded windows ``[n, seq_len]`` of calibration set ``name``."""
-        return calibration_tokens(self._tok, name, n, seq_len, self._seed, self._data_dir)
+    def calibration_ids(self, name: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
+        """``n`` windows ``[n, seq_len]`` of calibration set ``name``, drawn by ``seed`` (a draw's own)."""
+        return calibration_tokens(self._tok, name, n, seq_len, seed, self._data_dir)
 
-    def calibration_windows(self, name: str, n: int, seq_len: int) -> list[Tokenized]:
+    def calibration_windows(self, name: str, n: int, seq_len: int, seed: int) -> list[Tokenized]:
         """:meth:`calibration_ids` as training rows, every token a target."""
-        return [Tokenized(row.tolist(), 0) for row in self.calibration_ids(name, n, seq_len)]
+        return [Tokenized(row.tolist(), 0) for row in self.calibration_ids(name, n, seq_len, seed)]
 
     @property
     def n_train_pairs(self) -> int:
@@ -264,7 +310,8 @@ def _sft_stage(name: str, model, params: dict, stage, data: _Data, config: QLoRA
     if stage.calibration is None:  # instruction data, tokenized on demand
         n_rows, example = data.n_sft, lambda i: data.sft_example(i, seq_len)
     else:  # one fresh window per sequence of the stage (raw text: every token is a target)
-        windows = data.calibration_windows(stage.calibration, max(1, stage.steps * stage.batch_size), seq_len)
+        windows = data.calibration_windows(stage.calibration, max(1, stage.steps * stage.batch_size), seq_len,
+                                           config.seed)
         n_rows, example = len(windows), windows.__getitem__
 
     def loss(step: int) -> torch.Tensor:
@@ -310,7 +357,7 @@ def _init_adapters_from_error(model, float_weights: dict[str, torch.Tensor], dat
 
     handles = [w.register_forward_pre_hook(accumulate(n)) for n, w in wrappers.items()]
     ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples,
-                               config.stage_seq_len(config.lora))  # [n, L]
+                               config.stage_seq_len(config.lora), config.seed)  # [n, L]
     model.eval()
     with progress_bar("LoRA init (windows)", len(ids)) as advance:
         for row in ids:
@@ -336,7 +383,7 @@ def _init_adapters_sequential(model, float_weights: dict[str, torch.Tensor], dat
     quantized = {name: _map_of_x(base, base.fake_quantized_weight())
                  for name, base in bases.items() if isinstance(base, QATLinear)}  # others lost nothing
     ids = data.calibration_ids(config.lora.calibration or "wikitext2", config.lora.init_samples,
-                               config.stage_seq_len(config.lora))  # [n, L]
+                               config.stage_seq_len(config.lora), config.seed)  # [n, L]
     model.eval()
     with progress_bar("LoRA init (layers)", len(model.model.layers)) as advance:
         init_sequential_(model, floats, quantized, ids, on_layer=lambda _i: advance())
@@ -364,7 +411,7 @@ def _dpo_stage(model, data: _Data, config: QLoRAConfig, work: Path, progress: Pa
 
     # the stage-2 model's own distillation text and window length, one window a step
     kd_text, kd_len = config.lora.calibration or "wikitext2", config.stage_seq_len(config.lora)
-    windows = data.calibration_windows(kd_text, cfg.steps, kd_len) if cfg.kd_weight and cfg.steps else []
+    windows = data.calibration_windows(kd_text, cfg.steps, kd_len, config.seed) if cfg.kd_weight and cfg.steps else []
 
     def loss(step: int):  # two terms, backpropagated in turn (loops.train): the peak is one graph, not both
         rows = steps_rows[step]

@@ -34,7 +34,7 @@ from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import RotationMode, SpinQuantConfig
 from quantkit.data import calibration_tokens
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import perplexity
+from quantkit.evaluate import selection_perplexity
 from quantkit.model import load_model
 from quantkit.modules import InputTransform, Plan, quantize_, untie_embeddings
 from quantkit.progress import err, progress_bar
@@ -73,8 +73,8 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
         work, work_stages = (model, stages) if held_out is None else (copy.deepcopy(model), stages / f"draw{i}")
         draw = _draw(config, work, ids, work_stages, r4, config.seed + i)
         if held_out is not None:
-            draw.score = _selection_perplexity(draw.model, held_out, work_stages,
-                                               f"draw {i + 1}/{config.rotation_draws}")
+            draw.score = selection_perplexity(draw.model, held_out, work_stages / "selection.json",
+                                              f"draw {i + 1}/{config.rotation_draws}: held-out ppl")
             err.print(f"draw {i + 1} (seed {draw.seed}): held-out {config.selection_data} perplexity {draw.score:.3f}")
         if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
             best = draw
@@ -124,18 +124,6 @@ def _draw(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, st
         plan = quantize_(model, config.scheme, int4_codes=None if codes is None else lambda name, _w: codes[name],
                          progress=lambda _name: advance(), input_transforms=transforms if r4 else None)
     return _Draw(seed, model, plan, rot, losses)
-
-
-def _selection_perplexity(model: torch.nn.Module, held_out: torch.Tensor, stages: Path, label: str) -> float:
-    """The quantized draw's perplexity on the held-out windows ``[n, L]``, kept as the draw's last stage."""
-    path = stages / "selection.json"
-    if path.is_file():
-        return json.loads(path.read_text())["perplexity"]
-    n, seq_len = held_out.shape
-    with torch.no_grad():
-        ppl = perplexity(model.eval(), held_out.flatten(), seq_len, n, f"{label}: held-out ppl").perplexity
-    atomic_file(lambda tmp: tmp.write_text(json.dumps({"perplexity": ppl})), path)
-    return ppl
 
 
 def _draw_scores(stages: Path, config: SpinQuantConfig) -> dict[str, float]:
