@@ -83,6 +83,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
         tok, config.selection_data, config.selection_windows, config.selection_seq_len, config.seed,
         config.data_dir)  # [n_sel, L_sel], never trained on
     best: _Draw | None = None
+    scores = {}  # held-out perplexity by draw seed (for the report)
     for i in range(config.draws):
         draw_model, draw_work = (model, work) if held_out is None else (copy.deepcopy(model), work / f"draw{i}")
         draw = _qat_and_lora(draw_model, rotations, teacher, data, dataclasses.replace(config, seed=config.seed + i),
@@ -92,15 +93,14 @@ def run_qlora(config: QLoRAConfig) -> Path:
                                               f"draw {i + 1}/{config.draws}: held-out ppl")
             err.print(f"draw {i + 1} (seed {draw.seed}): stage-2 model's held-out {config.selection_data} "
                       f"perplexity {draw.score:.3f}")
+            scores[str(draw.seed)] = draw.score
         if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
             best = draw
         del draw, draw_model
     model, loaded = best.model, dataclasses.replace(loaded, model=best.model)
     report.update(best.report)
     if held_out is not None:
-        report["draws"] = {"chosen_seed": best.seed, "selection_perplexity": {
-            str(config.seed + i): json.loads((work / f"draw{i}" / "selection.json").read_text())["perplexity"]
-            for i in range(config.draws)}}
+        report["draws"] = {"chosen_seed": best.seed, "selection_perplexity": scores}
     if not (config.dpo.kd_weight and config.dpo.steps):
         teacher = None  # DPO has its own (stage-2) reference; free the copy
 
