@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from quantkit import draws
 from quantkit.algorithms.rotation import Rotations, fold_rotations_, random_rotations
 from quantkit.checkpoint import load_checkpoint
 from quantkit.cli import main
@@ -146,7 +147,7 @@ def test_best_of_n_keeps_the_draw_with_the_lowest_held_out_perplexity_and_resume
             path.write_text(json.dumps({"perplexity": scores[int(draw.removeprefix("draw"))]}))
         return json.loads(path.read_text())["perplexity"]
 
-    monkeypatch.setattr(qlora_pipeline, "selection_perplexity", fixed_score)
+    monkeypatch.setattr(draws, "selection_perplexity", fixed_score)
     real_save = loops.save_progress
 
     def crash_in_second_draws_qat(progress_dir, *args):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -44,7 +43,8 @@ from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import LoRAInit, QATInit, QLoRAConfig
 from quantkit.data import calibration_tokens, encode, wikitext2_test_text
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import perplexity, selection_perplexity
+from quantkit.draws import best_of_n
+from quantkit.evaluate import perplexity
 from quantkit.model import load_model
 from quantkit.kernels import hadamard
 from quantkit.modules import InputTransform, Int8Embedding, block_linear_names
@@ -82,25 +82,16 @@ def run_qlora(config: QLoRAConfig) -> Path:
     held_out = None if config.draws == 1 else calibration_tokens(
         tok, config.selection_data, config.selection_windows, config.selection_seq_len, config.seed,
         config.data_dir)  # [n_sel, L_sel], never trained on
-    best: _Draw | None = None
-    scores = {}  # held-out perplexity by draw seed (for the report)
-    for i in range(config.draws):
-        draw_model, draw_work = (model, work) if held_out is None else (copy.deepcopy(model), work / f"draw{i}")
-        draw = _qat_and_lora(draw_model, rotations, teacher, data, dataclasses.replace(config, seed=config.seed + i),
-                             draw_work)
-        if held_out is not None:
-            draw.score = selection_perplexity(draw.model, held_out, draw_work / "selection.json",
-                                              f"draw {i + 1}/{config.draws}: held-out ppl")
-            err.print(f"draw {i + 1} (seed {draw.seed}): stage-2 model's held-out {config.selection_data} "
-                      f"perplexity {draw.score:.3f}")
-            scores[str(draw.seed)] = draw.score
-        if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
-            best = draw
-        del draw, draw_model
+
+    def stages_1_2(draw_model, draw_work: Path, seed: int) -> tuple[torch.nn.Module, dict]:
+        return _qat_and_lora(draw_model, rotations, teacher, data, dataclasses.replace(config, seed=seed), draw_work)
+
+    best = best_of_n(model, work, config.seed, config.draws, held_out, stages_1_2,
+                     f"stage-2 model's held-out {config.selection_data} perplexity")
     model, loaded = best.model, dataclasses.replace(loaded, model=best.model)
-    report.update(best.report)
-    if held_out is not None:
-        report["draws"] = {"chosen_seed": best.seed, "selection_perplexity": scores}
+    report.update(best.result)
+    if best.scores:
+        report["draws"] = best.report()
     if not (config.dpo.kd_weight and config.dpo.steps):
         teacher = None  # DPO has its own (stage-2) reference; free the copy
 
@@ -119,19 +110,10 @@ def run_qlora(config: QLoRAConfig) -> Path:
     return path
 
 
-@dataclasses.dataclass
-class _Draw:
-    """Stages 1-2 finished from one seed: the stage-2 model, their report and (best of N) its held-out score."""
-
-    seed: int
-    model: torch.nn.Module
-    report: dict
-    score: float = math.nan
-
-
 def _qat_and_lora(model, rotations: Rotations | None, teacher, data: _Data, config: QLoRAConfig,
-                  work: Path) -> _Draw:
-    """(1) QAT, then (2) LoRA on the frozen QAT backbone, on the float ``model`` in place (stages in ``work``)."""
+                  work: Path) -> tuple[torch.nn.Module, dict]:
+    """(1) QAT, then (2) LoRA on the frozen QAT backbone, on the float ``model`` in place (stages in
+    ``work``); returns the stage-2 model and the stages' report."""
     work.mkdir(parents=True, exist_ok=True)
     report = {}
     # R1/R2 (R4) folded into the weights: the same float model, flatter activations; R4 as hooks for now
@@ -163,7 +145,7 @@ def _qat_and_lora(model, rotations: Rotations | None, teacher, data: _Data, conf
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     report["lora"] = run_stage(work, "lora", model, lambda progress: _lora_stage(
         model, adapters, float_weights, data, config, progress, teacher))
-    return _Draw(config.seed, model, report)
+    return model, report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from quantkit.algorithms.rotation import (Rotations, apply_rotations_, check_rot
 from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
 from quantkit.config import RotationMode, SpinQuantConfig
 from quantkit.data import calibration_tokens
+from quantkit.draws import best_of_n
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import selection_perplexity
 from quantkit.model import load_model
 from quantkit.modules import InputTransform, Plan, quantize_, untie_embeddings
 from quantkit.progress import err, progress_bar
@@ -68,26 +67,20 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
     stages = _stage_dir(config)
 
     fuse_norms_(model)
-    best: _Draw | None = None
-    for i in range(config.rotation_draws):  # one draw works in place; several each on a copy of the fused model
-        work, work_stages = (model, stages) if held_out is None else (copy.deepcopy(model), stages / f"draw{i}")
-        draw = _draw(config, work, ids, work_stages, r4, config.seed + i)
-        if held_out is not None:
-            draw.score = selection_perplexity(draw.model, held_out, work_stages / "selection.json",
-                                              f"draw {i + 1}/{config.rotation_draws}: held-out ppl")
-            err.print(f"draw {i + 1} (seed {draw.seed}): held-out {config.selection_data} perplexity {draw.score:.3f}")
-        if best is None or draw.score < best.score:  # the earlier draw wins a tie; only the best stays in memory
-            best = draw
+    best = best_of_n(model, stages, config.seed, config.rotation_draws, held_out,
+                     lambda draw_model, draw_stages, seed: _draw(config, draw_model, ids, draw_stages, r4, seed),
+                     f"held-out {config.selection_data} perplexity")
+    plan, rot, losses = best.result.plan, best.result.rot, best.result.losses
 
     rotations_file = None
-    if best.rot.r1 is not None or best.rot.r2 is not None:
+    if rot.r1 is not None or rot.r2 is not None:
         rotations_file = config.output.with_name(f"{config.output.name}.rotations.safetensors")
-        atomic_file(lambda tmp: best.rot.save(tmp, {"losses": json.dumps(best.losses)}), rotations_file)
-    result = {"r4": r4_note, "rotation_losses": best.losses,
+        atomic_file(lambda tmp: rot.save(tmp, {"losses": json.dumps(losses)}), rotations_file)
+    result = {"r4": r4_note, "rotation_losses": losses,
               "rotations_file": None if rotations_file is None else str(rotations_file)}
-    if held_out is not None:
-        result["draws"] = {"chosen_seed": best.seed, "selection_perplexity": _draw_scores(stages, config)}
-    path = save_checkpoint(dataclasses.replace(loaded, model=best.model), best.plan, config.scheme, config.output,
+    if best.scores:
+        result["draws"] = best.report()
+    path = save_checkpoint(dataclasses.replace(loaded, model=best.model), plan, config.scheme, config.output,
                            pipeline="spinquant", method=config.method.value,
                            config={**config.to_dict(), "result": result}, overwrite=config.overwrite)
     shutil.rmtree(stages, ignore_errors=True)
@@ -95,19 +88,16 @@ def run_spinquant(config: SpinQuantConfig) -> Path:
 
 
 @dataclasses.dataclass
-class _Draw:
-    """One rotation draw, finished: the quantized model, its rotations and (best of N) its held-out score."""
+class _Quantized:
+    """One rotation draw's results beside its quantized model: the packing plan and the rotations."""
 
-    seed: int
-    model: torch.nn.Module
     plan: Plan
     rot: Rotations
     losses: list[float]
-    score: float = math.nan
 
 
 def _draw(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, stages: Path, r4: bool,
-          seed: int) -> _Draw:
+          seed: int) -> tuple[torch.nn.Module, _Quantized]:
     """Rotations from ``seed``'s init folded into the fused float ``model``, GPTQ (or RTN), quantized in place."""
     stages.mkdir(parents=True, exist_ok=True)
     rot, losses = _rotations(config, model, ids, stages, r4, seed)
@@ -123,13 +113,7 @@ def _draw(config: SpinQuantConfig, model: torch.nn.Module, ids: torch.Tensor, st
     with progress_bar("packing", layers * 7 + 2) as advance:
         plan = quantize_(model, config.scheme, int4_codes=None if codes is None else lambda name, _w: codes[name],
                          progress=lambda _name: advance(), input_transforms=transforms if r4 else None)
-    return _Draw(seed, model, plan, rot, losses)
-
-
-def _draw_scores(stages: Path, config: SpinQuantConfig) -> dict[str, float]:
-    """Every draw's held-out perplexity, by the seed of its init (for the metadata)."""
-    return {str(config.seed + i): json.loads((stages / f"draw{i}" / "selection.json").read_text())["perplexity"]
-            for i in range(config.rotation_draws)}
+    return model, _Quantized(plan, rot, losses)
 
 
 # ---------------------------------------------------------------------------------------------
