@@ -41,13 +41,12 @@ class Best(Generic[T]):
 def best_of_n(model: torch.nn.Module, stages: Path, seed: int, draws: int, held_out: torch.Tensor | None,
               run: Callable[[torch.nn.Module, Path, int], tuple[torch.nn.Module, T]], what: str) -> Best[T]:
     """``run(model, stage_dir, seed) -> (model, result)`` once, or per draw; the lowest perplexity on
-    ``held_out`` ``[n, L]`` wins (the earlier draw on a tie). ``held_out`` is None for one draw.
-    ``what`` names the score in the line printed per draw."""
+    ``held_out`` ``[n, L]`` wins (the earlier draw on a tie, a finite one over NaN). ``held_out`` is
+    None for one draw. ``what`` names the score in the line printed per draw."""
     if (draws == 1) != (held_out is None):
         raise ValueError(f"{draws} draws need held-out windows exactly when there is more than one")
-    best, best_score, scores = None, math.inf, {}
+    best, best_score, scores, one = None, math.inf, {}, held_out is None
     for i in range(draws):
-        one = held_out is None
         draw_model, result = run(model if one else copy.deepcopy(model), stages if one else stages / f"draw{i}",
                                  seed + i)
         if one:
@@ -57,6 +56,7 @@ def best_of_n(model: torch.nn.Module, stages: Path, seed: int, draws: int, held_
         err.print(f"draw {i + 1} (seed {seed + i}): {what} {score:.3f}")
         scores[str(seed + i)] = score
         if best is None or score < best_score:  # only the best draw stays in memory
-            best, best_score = Best(seed + i, draw_model, result, scores), score
+            # a NaN score (a diverged draw) loses to any finite one, whichever comes first
+            best, best_score = Best(seed + i, draw_model, result, scores), math.inf if math.isnan(score) else score
         del draw_model, result
     return best

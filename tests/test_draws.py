@@ -1,4 +1,4 @@
-"""Best of N (quantkit.draws), apart from the pipelines: copies, stage dirs, the choice and its tie rule."""
+"""Best of N (quantkit.draws), apart from the pipelines: copies, stage dirs, the choice, ties and NaN."""
 
 import json
 
@@ -28,7 +28,11 @@ def _run(calls):
     return run
 
 
-@pytest.mark.parametrize("scores, chosen", [([3.0, 1.0, 2.0], 1), ([2.0, 1.0, 1.0], 1), ([1.0, 1.0, 1.0], 0)])
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scores, chosen", [([3.0, 1.0, 2.0], 1), ([2.0, 1.0, 1.0], 1), ([1.0, 1.0, 1.0], 0),
+                                            ([NAN, 2.0, NAN], 1), ([NAN, NAN, NAN], 0)])
 def test_the_lowest_score_wins_and_the_earlier_draw_a_tie(scores, chosen, tmp_path, monkeypatch):
     _scored_by(scores, monkeypatch)
     model, calls = torch.nn.Linear(2, 2), []
@@ -39,8 +43,9 @@ def test_the_lowest_score_wins_and_the_earlier_draw_a_tie(scores, chosen, tmp_pa
     assert torch.equal(model.weight, before)  # ... so the model given is left as it was
     assert best.seed == 10 + chosen and best.result == f"result {10 + chosen}"
     assert torch.all(best.model.weight == 10 + chosen)
-    assert best.report() == {"chosen_seed": 10 + chosen, "selection_perplexity": {"10": scores[0], "11": scores[1],
-                                                                                  "12": scores[2]}}
+    assert best.report()["chosen_seed"] == 10 + chosen
+    assert list(best.report()["selection_perplexity"].items()) == [("10", scores[0]), ("11", scores[1]),
+                                                                   ("12", scores[2])]
 
 
 def test_one_draw_is_the_plain_run(tmp_path, monkeypatch):
