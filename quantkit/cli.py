@@ -373,12 +373,17 @@ def spinquant(model: str | None, output: Path, preset: str, group_size: int, sca
               help="Score only the first N windows (quick runs); default: the whole test split.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the results as JSON to this file.")
+              help="Also write the results as JSON to this file (with each window's NLL sum).")
+@click.option("--no-cache", is_flag=True,
+              help="Score every window again. By default each window's score is kept in the cache dir "
+                   "($QUANTKIT_CACHE_DIR, else ~/.cache/quantkit) as soon as it is done, so a stopped "
+                   "evaluation resumes where it stopped, and windows already scored are not scored again.")
 def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_dir: Path | None,
-          json_path: Path | None) -> None:
+          json_path: Path | None, no_cache: bool) -> None:
     """WikiText-2 test perplexity of each MODEL_OR_CHECKPOINT (float model or quantized checkpoint).
 
     Pass several to get one table; `default` (or nothing) names the embedded default model.
+    Stopped (Ctrl-C), it resumes at the first window not yet scored when run again (see --no-cache).
     """
     from rich.table import Table
 
@@ -397,7 +402,7 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
         loaded, meta = load_any(_model_arg(spec))
         kind = "bf16" if meta is None else f"{meta['pipeline']} ({meta['method']})"
         result = wikitext2_perplexity(loaded.model, loaded.tokenizer, seq_len, max_windows, data_dir,
-                                      description=f"ppl {spec}")
+                                      description=f"ppl {spec}", resume=not no_cache)
         rows.append({"model": spec, "kind": kind, **result.to_dict()})
         del loaded
     table = Table(title=f"WikiText-2 test perplexity (seq_len {seq_len}, {rows[0]['windows']} windows)")

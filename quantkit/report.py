@@ -14,7 +14,8 @@ then writes ``results.json``, ``report.md`` (with PNG plots beside it) and a sel
 
 Scores are cached under ``<cache dir>/scores/<content sha256>.json``: the hash covers every file of
 the checkpoint directory, so a changed checkpoint is re-scored and an unchanged one is not. Each
-entry's key names what produced it (task, data source, --limit, lm-eval and task versions).
+entry's key names what produced it (task, data source, --limit, lm-eval and task versions). A token
+perplexity stopped partway resumes from the windows it had scored (``resume`` in :mod:`quantkit.evaluate`).
 
 The report itself is a pure function of the results document (:func:`derive`, :func:`write_report`),
 so it can be re-rendered from a stored ``results.json`` without evaluating anything.
@@ -429,8 +430,8 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
 
                 loaded = model.load()
                 cache.put(key, wikitext2_perplexity(loaded.model, loaded.tokenizer, config.seq_len,
-                                                    config.max_windows, data_dir,
-                                                    description=f"token ppl {model.name}").to_dict())
+                                                    config.max_windows, data_dir, description=f"token ppl {model.name}",
+                                                    resume=config.use_cache).to_dict())
             values[token_ppl_metric(config.seq_len).key] = cache.get(key)["perplexity"]
         size = _size_mib(model.path)
         if size is not None:

@@ -20,6 +20,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     if "QUANTKIT_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never hang on the network in tests
+    # kept perplexity windows (quantkit eval resumes from them) never outlive a test: a stale one would
+    # stand in for the forward pass a test means to check
+    windows = tmp_path_factory.mktemp("perplexity")
+    monkeypatch.setattr("quantkit.evaluate.windows_dir", lambda: windows)
 
 
 @pytest.fixture(scope="session")

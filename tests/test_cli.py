@@ -57,6 +57,11 @@ def test_ptq_end_to_end_then_eval_json(tiny_dir, tmp_path, data_dir, ids):
     assert "perplexity" in res.output
     rows = json.loads(js.read_text())["wikitext2_perplexity"]
     assert [r["kind"] for r in rows] == ["bf16", "ptq (rtn)"] and all(r["windows"] == 2 for r in rows)
+    assert all(len(r["window_nll"]) == 2 for r in rows)
+    # --no-cache scores the windows again, to the same floats
+    again = tmp_path / "again.json"
+    run("eval", out, "--seq-len", 64, "--max-windows", 2, "--data-dir", data_dir, "--json", again, "--no-cache")
+    assert json.loads(again.read_text())["wikitext2_perplexity"][0] == rows[1]
 
 
 def test_output_exists_is_refused_and_untouched(tiny_dir, tmp_path):

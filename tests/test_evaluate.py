@@ -1,9 +1,11 @@
+import json
 import math
 
 import pytest
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit import evaluate
 from quantkit.evaluate import perplexity, wikitext2_perplexity
 from quantkit.model import tiny_tokenizer
 
@@ -41,3 +43,67 @@ def test_bad_window_options(tiny):
 def test_wikitext2_perplexity_on_tiny_model(tiny, data_dir):
     result = wikitext2_perplexity(tiny, tiny_tokenizer(), seq_len=64, max_windows=2, data_dir=data_dir)
     assert result.windows == 2 and 1 < result.perplexity < 1e4
+
+
+class _Calls:
+    """A forward pre-hook that counts the model's calls and raises KeyboardInterrupt at call ``stop_at``
+    (a hook, so the model's fingerprint is the same with and without it)."""
+
+    def __init__(self, model, stop_at=None):
+        self.n, self.stop_at = 0, stop_at
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.n += 1
+        if self.n == self.stop_at:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_a_stopped_evaluation_resumes_at_its_first_unscored_window_bit_for_bit(tiny):
+    ids = torch.randint(0, 256, (5 * 32,), generator=torch.Generator().manual_seed(1))
+    whole = perplexity(tiny, ids, seq_len=32)  # resume off: nothing kept
+    assert not any(evaluate.windows_dir().iterdir())
+    assert len(whole.window_nll) == 5 and sum(whole.window_nll) == pytest.approx(whole.nll * whole.tokens_scored, rel=1e-12)
+
+    with _Calls(tiny, stop_at=3), pytest.raises(KeyboardInterrupt):  # Ctrl-C in the third window
+        perplexity(tiny, ids, seq_len=32, resume=True)
+    (kept,) = evaluate.windows_dir().iterdir()
+    assert json.loads(kept.read_text())["window_nll"] == whole.window_nll[:2]
+    with _Calls(tiny) as calls:
+        resumed = perplexity(tiny, ids, seq_len=32, resume=True)
+    assert calls.n == 3  # windows 3-5 only
+    assert resumed == whole  # the same floats, summed in the same order
+    with _Calls(tiny) as calls:
+        assert perplexity(tiny, ids, seq_len=32, resume=True) == whole
+        assert perplexity(tiny, ids, seq_len=32, max_windows=2, resume=True) == perplexity(tiny, ids, 32, 2)
+    assert calls.n == 2  # only the run without resume scored (its 2 windows)
+
+
+def test_kept_windows_belong_to_one_model_text_and_window_length(tiny):
+    ids = torch.randint(0, 256, (2 * 32,), generator=torch.Generator().manual_seed(2))
+    perplexity(tiny, ids, seq_len=32, resume=True)
+    with _Calls(tiny) as calls:
+        perplexity(tiny, ids.flip(0), seq_len=32, resume=True)  # other text
+        perplexity(tiny, ids, seq_len=16, max_windows=2, resume=True)  # other windows
+        with torch.no_grad():
+            tiny.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3  # other weights
+        changed = perplexity(tiny, ids, seq_len=32, resume=True)
+    assert calls.n == 2 + 2 + 2
+    assert changed == perplexity(tiny, ids, seq_len=32)
+    assert len(list(evaluate.windows_dir().iterdir())) == 4
+
+
+def test_an_unreadable_kept_file_is_scored_again(tiny):
+    ids = torch.randint(0, 256, (2 * 32,), generator=torch.Generator().manual_seed(3))
+    whole = perplexity(tiny, ids, seq_len=32, resume=True)
+    (kept,) = evaluate.windows_dir().iterdir()
+    kept.write_text('{"window_nll": [1.0, ')  # cut off mid-write by something other than quantkit
+    with _Calls(tiny) as calls:
+        assert perplexity(tiny, ids, seq_len=32, resume=True) == whole
+    assert calls.n == 2
