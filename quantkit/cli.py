@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from quantkit import __version__
+from quantkit import __version__, jsonout
 from quantkit.errors import QuantkitError
 from quantkit.config import QLORA_WEIGHT_CLIP, LoRAInit, Preset, QATInit, SpinQuantPreset, StageLoss
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
@@ -66,7 +65,7 @@ def _write_json(path: Path | None, data) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(jsonout.dumps(data) + "\n")
     tmp.replace(path)
 
 

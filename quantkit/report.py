@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantkit import __version__
+from quantkit import __version__, jsonout
 from quantkit.checkpoint import atomic_directory, check_output, is_checkpoint, read_metadata
 from quantkit.config import ReportConfig
 from quantkit.errors import QuantkitError
@@ -823,7 +823,7 @@ def write_report(doc: dict, output: Path, overwrite: bool = False) -> Path:
     derived = derive(doc)
     plots = make_plots(doc)
     with atomic_directory(Path(output), overwrite) as tmp:
-        (tmp / "results.json").write_text(json.dumps({**doc, **derived}, indent=2, default=_json_default) + "\n")
+        (tmp / "results.json").write_text(jsonout.dumps({**doc, **derived}, default=_json_default) + "\n")
         for title, png in plots.items():
             (tmp / _PLOT_FILES[title]).write_bytes(png)
         (tmp / "report.md").write_text(render_markdown(doc, derived, {t: _PLOT_FILES[t] for t in plots}))

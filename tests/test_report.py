@@ -273,3 +273,21 @@ def test_sqnr_reads_aliases_and_unmerged_lora(tmp_path):
     want = sqnr_db(float_model.get_submodule(name).weight, effective)
     assert rows[name]["sqnr_db"] == pytest.approx(want, rel=1e-5)
     assert rows["lm_head"]["sqnr_db"] == pytest.approx(rows["model.embed_tokens"]["sqnr_db"])
+
+
+def _strict(text: str):
+    """Parse as strict JSON: the bare words NaN / Infinity that Python writes are refused."""
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_results_json_is_strict_json_when_a_score_is_nan(tmp_path):
+    doc = hand_made()
+    doc["models"][1]["stderr"] = {"piqa/acc": float("nan")}  # lm-eval's stderr on a handful of samples
+    doc["models"][4]["values"]["size_mib"] = float("inf")
+    out = write_report(doc, tmp_path / "rep")
+    stored = _strict((out / "results.json").read_text())
+    assert stored["models"][1]["stderr"]["piqa/acc"] is None and stored["models"][4]["values"]["size_mib"] is None
+    result = CliRunner().invoke(main, ["compare", "report", "--from-results", str(out), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantkit import jsonout
 from quantkit.algorithms.gptq import gptq_model_
 from quantkit.algorithms.rotation import Rotations, down_projs, fold_rotations_
 from quantkit.checkpoint import atomic_file, check_output, save_checkpoint
@@ -105,7 +106,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     _release_dtypes(model)
     path = save_checkpoint(loaded, plan, config.scheme, config.output, pipeline="qlora", method=Method.QAT.value,
                            config=config.to_dict(), overwrite=config.overwrite, lora=lora_metadata(model),
-                           extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
+                           extra_files={REPORT_FILE: jsonout.dumps(report) + "\n"})
     shutil.rmtree(work, ignore_errors=True)
     return path
 
