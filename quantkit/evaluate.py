@@ -10,8 +10,9 @@ The whole test split is about 140 windows of 2048 tokens for a Llama 3 tokenizer
 model on a CPU. With ``resume=True`` each window's NLL sum is kept on disk as soon as it is scored,
 under ``<cache dir>/perplexity/<key>.json``, where the key hashes the model (its tensors, module
 tree and config), the token ids, the window length and the numerics (quantkit and torch versions,
-kernel backend, thread count: each can change the float sums). A stopped evaluation starts again at the
-first window not yet scored, and its result is bit for bit the uninterrupted one.
+kernel backend and its SIMD level: each can change the float sums; the thread count does not). A
+stopped evaluation starts again at the first window not yet scored, and its result is bit for bit
+the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -46,9 +47,21 @@ class PerplexityResult:
 
 def _numerics() -> str:
     """What a window's float sums depend on besides the model and the text."""
-    from quantkit.kernels import backend_for
+    import platform
 
-    return f"quantkit {__version__}, torch {torch.__version__}, kernel {backend_for(torch.empty(0)).value}, {torch.get_num_threads()} threads"
+    from quantkit.kernels import Backend, backend_for
+
+    backend = backend_for(torch.empty(0))
+    if backend is Backend.CPU:  # its SIMD level is chosen at run time, and sums in its own order
+        from quantkit.kernels import cpu
+
+        backend = f"{backend.value} isa {cpu.isa()}"
+    else:
+        backend = backend.value
+    # not the thread count: torch's CPU ops and the fast kernel split a forward pass across rows and
+    # columns, not along a sum, so a window scores the same floats on 1 and 2 threads (checked on
+    # SmolLM2, bf16 and packed): a run stopped on one thread resumes on two
+    return f"quantkit {__version__}, torch {torch.__version__}, {platform.machine()}, kernel {backend}"
 
 
 def _fingerprint(model: torch.nn.Module, ids: torch.Tensor, seq_len: int) -> str:

@@ -107,3 +107,18 @@ def test_an_unreadable_kept_file_is_scored_again(tiny):
     with _Calls(tiny) as calls:
         assert perplexity(tiny, ids, seq_len=32, resume=True) == whole
     assert calls.n == 2
+
+
+def test_a_run_stopped_on_one_thread_resumes_on_two(tiny):
+    ids = torch.randint(0, 256, (3 * 32,), generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with _Calls(tiny, stop_at=2), pytest.raises(KeyboardInterrupt):
+            perplexity(tiny, ids, seq_len=32, resume=True)
+        torch.set_num_threads(2)
+        with _Calls(tiny) as calls:
+            resumed = perplexity(tiny, ids, seq_len=32, resume=True)
+        assert calls.n == 2 and resumed == perplexity(tiny, ids, seq_len=32)
+    finally:
+        torch.set_num_threads(threads)
