@@ -73,7 +73,7 @@ def _load(spec: str):
 
 def synthetic_dir(name: str) -> Path:
     """Where ``name`` (``llama-3.2-1b`` = bf16, ``llama-3.2-1b:8da4w`` = its PTQ checkpoint) lives on disk."""
-    from quantkit.model import cache_dir
+    from quantkit.settings import cache_dir
 
     base, _, quant = name.partition(":")
     if base not in SYNTHETIC or quant not in ("", "8da4w"):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
-from quantkit.model import cache_dir
+from quantkit.settings import cache_dir
 
 WIKITEXT2_TEST = "wikitext-2-raw-v1/test.jsonl"
 CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"

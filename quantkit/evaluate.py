@@ -79,7 +79,7 @@ def _fingerprint(model: torch.nn.Module, ids: torch.Tensor, seq_len: int) -> str
 
 def windows_dir() -> Path:
     """Where each model's kept window scores live (``resume``)."""
-    from quantkit.model import cache_dir
+    from quantkit.settings import cache_dir
 
     return cache_dir() / "perplexity"
 

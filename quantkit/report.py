@@ -41,7 +41,8 @@ from quantkit import __version__, jsonout
 from quantkit.checkpoint import atomic_directory, check_output, is_checkpoint, read_metadata
 from quantkit.config import ReportConfig
 from quantkit.errors import QuantkitError
-from quantkit.model import LoadedModel, cache_dir, weight_files
+from quantkit.model import LoadedModel, weight_files
+from quantkit.settings import cache_dir
 from quantkit.tasks import TASKS, TASKS_VERSION, parse_tasks, source_for
 
 RESULTS_VERSION = 1

@@ -65,3 +65,14 @@ def test_stories260k_loads(data_dir):
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (64, 172, 5)
     logits = loaded.model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def test_the_cache_dir_is_the_setting_or_the_home_default(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from quantkit.settings import cache_dir
+
+    monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("QUANTKIT_CACHE_DIR", "")  # set but empty: not the current directory
+    assert cache_dir() == Path.home() / ".cache" / "quantkit"

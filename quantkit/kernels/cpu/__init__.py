@@ -70,7 +70,6 @@ import ctypes
 import hashlib
 import logging
 import mmap
-import os
 import platform
 import sys
 import threading
@@ -80,6 +79,7 @@ from pathlib import Path
 import torch
 
 from quantkit.kernels import reference
+from quantkit.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ _MAX_INT8_K = 1 << 16  # keeps the int32 accumulation of the int8 head exact
 _lock = threading.Lock()
 _state: dict = {}  # "reason": str | None once loading was attempted
 _warned: set[str] = set()
-
-
-def cache_dir() -> Path:
-    """Where built extensions live (``QUANTKIT_CACHE_DIR``, default ``~/.cache/quantkit``)."""
-    return Path(os.environ.get("QUANTKIT_CACHE_DIR") or Path.home() / ".cache" / "quantkit")
 
 
 def _ext_name() -> str:
