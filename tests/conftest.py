@@ -16,7 +16,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Token caches go to a fresh dir per test; the kernel build and converted default model are shared."""
+    """The cache dir is $QUANTKIT_CACHE_DIR when set (make test: the checkout's .cache, so the kernel build
+    and converted default model are shared), else the session's temp dir; perplexity windows are per test."""
     if "QUANTKIT_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never hang on the network in tests
