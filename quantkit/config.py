@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quantkit.algorithms import LearnTarget, RotationObjective
-from quantkit.float_matmul import Bf16Matmul
 from quantkit.errors import QuantkitError
+from quantkit.float_matmul import Bf16Matmul
 from quantkit.scheme import Method, Scheme, WeightClip
 from quantkit.training.sft import StageLoss
 

@@ -230,8 +230,8 @@ class _Model:
             from quantkit.checkpoint import load_any
 
             self._loaded, _ = load_any(self.spec)
-            if self.matmul is Bf16Matmul.FLOAT32:
-                use_float32_matmuls_(self._loaded.model)
+        if self.matmul is Bf16Matmul.FLOAT32:  # also after a load made before matmul was set (a hub
+            use_float32_matmuls_(self._loaded.model)  # baseline's hash); swaps only plain nn.Linear
         return self._loaded
 
     def score_key(self, key: str) -> str:

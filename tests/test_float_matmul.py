@@ -162,3 +162,13 @@ def test_tasks_command_scores_on_the_chosen_linears(tiny_dir, data_dir, tmp_path
         assert res.exit_code == 0, res.output
         assert json.loads(js.read_text())["bf16_matmul"] == {str(tiny_dir): mode}
     assert seen == ["Float32MatmulLinear", "Linear"]
+
+
+def test_a_baseline_loaded_before_the_choice_is_swapped_when_scored(tiny_dir):
+    from quantkit.report import Role, _Model
+
+    model = _Model("bf16", Role.BASELINE, str(tiny_dir), tiny_dir, "bf16")
+    assert type(model.load().model.lm_head) is nn.Linear  # loaded early (a hub baseline's hash check)
+    model.matmul = Bf16Matmul.FLOAT32
+    assert type(model.load().model.lm_head) is Float32MatmulLinear
+    assert model.score_key("token-ppl") == "token-ppl:matmul=float32"
