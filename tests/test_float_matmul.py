@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from quantkit import float_matmul
+from quantkit import evaluate, float_matmul
 from quantkit.cli import main
-from quantkit import evaluate
 from quantkit.evaluate import perplexity
 from quantkit.float_matmul import Bf16Matmul, Float32MatmulLinear, has_native_bf16, resolve, use_float32_matmuls_
 from quantkit.model import tiny_llama
