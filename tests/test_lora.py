@@ -10,7 +10,8 @@ from quantkit.modules import InputTransform, Int4Linear
 from quantkit.primitives import choose_scales, quantize
 from quantkit.scheme import Scheme
 from quantkit.training.loops import train
-from quantkit.training.lora import LoRALinear, add_lora, check_rank, init_from_error_, lora_metadata, lora_parameters, merge_lora_
+from quantkit.training.lora import (LoRALinear, add_averaged_lora, add_lora, check_rank, init_from_error_,
+                                    lora_metadata, lora_modules, lora_parameters, merge_lora_, pop_lora)
 from quantkit.training.qat import QATLinear, convert_qat, prepare_qat
 from quantkit.training.records import Tokenized, collate
 from quantkit.training.sft import sft_loss
@@ -95,6 +96,36 @@ def test_rank_larger_than_the_smallest_layer_is_refused(tiny):
     # k_proj / v_proj are 64 -> 32 with 2 KV heads of 16: rank 33 fits q but not k
     with pytest.raises(QuantkitError, match="k_proj"):
         check_rank(tiny, 33)
+
+
+def test_runs_x_rank_larger_than_the_smallest_layer_is_refused(tiny):
+    check_rank(tiny, 16, runs=2)  # averaged into rank 32: fits k_proj / v_proj's 32
+    with pytest.raises(QuantkitError, match="--lora-runs 3 at --lora-rank 16 .* rank 48"):
+        check_rank(tiny, 16, runs=3)
+
+
+def test_averaged_adapters_compute_the_mean_of_the_runs_side_paths(tiny, ids):
+    tiny.float()
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))  # down_proj's input: intermediate 128
+    runs, outputs, deltas = [], [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        add_lora(tiny, 4, 8)
+        for m in lora_modules(tiny).values():
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+        with torch.no_grad():
+            outputs.append(tiny.model.layers[0].mlp.down_proj(x))
+        deltas.append({n: m.delta_weight() for n, m in lora_modules(tiny).items()})
+        runs.append(pop_lora(tiny))
+        assert not lora_modules(tiny)  # the plain linears are back
+    add_averaged_lora(tiny, runs, 8)
+    mods = lora_modules(tiny)
+    assert {m.rank for m in mods.values()} == {12} and {m.alpha for m in mods.values()} == {8}
+    for n, m in mods.items():
+        torch.testing.assert_close(m.delta_weight(), sum(d[n] for d in deltas) / 3, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # base + mean side path = the mean of the three runs' outputs
+        got = tiny.model.layers[0].mlp.down_proj(x)
+    torch.testing.assert_close(got, sum(outputs) / 3, rtol=1e-5, atol=1e-6)
 
 
 def test_adapters_round_trip_through_the_checkpoint_bit_exactly(tiny, ids, tmp_path):

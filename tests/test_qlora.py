@@ -132,6 +132,45 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path
     assert ra == rb
 
 
+def test_lora_runs_average_their_adapters_and_the_first_run_is_the_single_run(tiny_dir, tmp_path, data_dir,
+                                                                            monkeypatch):
+    common = dict(dpo_steps=0, lora_init_samples=2)
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_qlora(_config(tiny_dir, one, data_dir, **common))
+    run_qlora(_config(tiny_dir, two, data_dir, lora_runs=2, **common))
+
+    real_save = loops.save_progress
+
+    def crashing_save(progress_dir, *args):  # crash in the second run, after its first step checkpoint
+        real_save(progress_dir, *args)
+        if progress_dir.name == "lora1.progress":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loops, "save_progress", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_qlora(_config(tiny_dir, resumed, data_dir, lora_runs=2, **common))
+    assert (tmp_path / "resumed.stages" / "lora" / "stage.json").is_file()
+    monkeypatch.setattr(loops, "save_progress", real_save)
+    run_qlora(_config(tiny_dir, resumed, data_dir, lora_runs=2, **common))  # run 0 loaded, run 1 resumed
+    assert _tensors(resumed).keys() == _tensors(two).keys()
+    assert all(torch.equal(v, _tensors(two)[k]) for k, v in _tensors(resumed).items())
+    (_, meta1), (loaded2, meta2) = load_checkpoint(one), load_checkpoint(two)
+    assert meta1["lora"]["rank"] == 4 and meta2["lora"]["rank"] == 8  # one adapter of runs x rank
+    assert meta2["lora"]["alpha"] == meta1["lora"]["alpha"] == 8  # alpha kept: scaling alpha / 8 = mean of two
+    a, b = _tensors(one), _tensors(two)
+    name = "model.layers.1.self_attn.o_proj"
+    # run 0 is the single run exactly (same seed): the first half of A's rows and B's columns
+    assert torch.equal(b[f"{name}.lora_A"][:4], a[f"{name}.lora_A"])
+    assert torch.equal(b[f"{name}.lora_B"][:, :4], a[f"{name}.lora_B"])
+    # run 1 started from its own seed's windows and A draw, so it is another adapter
+    assert not torch.equal(b[f"{name}.lora_A"][4:], a[f"{name}.lora_A"])
+    assert all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)  # the same backbone
+    report = json.loads((two / REPORT_FILE).read_text())
+    assert len(report["lora"]["runs"]) == 2 and report["lora"]["perplexity"] > 1
+    assert all(len(r["loss"]) == 2 for r in report["lora"]["runs"])
+    assert isinstance(loaded2.model.get_submodule(name), LoRALinear)
+
+
 @pytest.mark.parametrize("winner", [0, 1])
 def test_best_of_n_keeps_the_draw_with_the_lowest_held_out_perplexity_and_resumes(winner, tiny_dir, tmp_path,
                                                                                    data_dir, monkeypatch):
@@ -484,6 +523,8 @@ def test_merge_lora_writes_one_matrix_per_linear(tiny_dir, tmp_path, data_dir):
     (("--qat-seq-len", "7"), "--qat-seq-len must be >= 8"),
     (("--dpo-backbone-lr-ratio", "0"), "--dpo-backbone-lr-ratio must be > 0"),
     (("--draws", "0"), "--draws and --selection-windows must be >= 1"),
+    (("--lora-runs", "0"), "--lora-runs must be at least 1"),
+    (("--lora-runs", "3", "--lora-rank", "16"), "rank 48, more than"),
     (("--draws", "2", "--selection-data", "wikitext2"), "--selection-data wikitext2 is a set stages 1-2 train"),
     (("--draws", "2", "--selection-data", "nope"), "nope"),
 ])

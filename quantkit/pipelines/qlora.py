@@ -8,7 +8,8 @@
    in, no run-time transform; or a SpinQuant rotations file's learned R1/R2 and its R4, the online
    Hadamard before down_proj) and QAT starts from GPTQ's int4 model instead of round-to-nearest.
 2. **LoRA**: that backbone is frozen; bf16 LoRA adapters on every block linear are trained on
-   the same kind of data, with their own loss choice.
+   the same kind of data, with their own loss choice. With ``lora.runs`` > 1 the stage runs that
+   many times from consecutive seeds and the adapters are averaged into one (rank runs x rank).
 3. **DPO**: backbone and adapters are trained together on preference pairs against the frozen
    stage-2 model; a held-out slice of pairs is scored before and after. Optionally (the cpu
    preset) each step adds the distillation loss on a calibration window, weighted by ``kd_weight``.
@@ -53,8 +54,8 @@ from quantkit.progress import err, progress_bar
 from quantkit.scheme import Method
 from quantkit.training.dpo import dpo_loss, pair_logps, preference_metrics, reference_logps
 from quantkit.training.loops import batch_indices, run_stage, train
-from quantkit.training.lora import (add_lora, check_rank, init_from_error_, init_sequential_, lora_metadata,
-                                    lora_modules, merge_lora_)
+from quantkit.training.lora import (add_averaged_lora, add_lora, check_rank, init_from_error_, init_sequential_,
+                                    lora_metadata, lora_modules, merge_lora_, pop_lora)
 from quantkit.training.qat import (QATLinear, convert_qat, grid_lr_ratios, prepare_qat, scale_lr_ratios,
                                    trainable_parameters)
 from quantkit.training.records import Tokenized, collate, preference_pairs, sft_records, tokenize
@@ -70,7 +71,7 @@ def run_qlora(config: QLoRAConfig) -> Path:
     model, tok = loaded.model.float(), loaded.tokenizer  # fp32 master weights, in place
     if tok is None:
         raise QuantkitError(f"{loaded.source} has no tokenizer; qlora trains on text and needs one")
-    check_rank(model, config.lora.rank)
+    check_rank(model, config.lora.rank, config.lora.runs)
     rotations = _rotations_file(config.qat.rotations, model)
     data = _Data(config, tok)  # bad data is refused before anything is written
     work = _work_dir(config)
@@ -140,13 +141,29 @@ def _qat_and_lora(model, rotations: Rotations | None, teacher, data: _Data, conf
         "qat", model, trainable_parameters(model), config.qat, data, config, progress, teacher,
         config.qat.grid_lr))
 
-    model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained
-    torch.manual_seed(config.seed)  # the adapters' A init: a resumed run must draw the same one
-    add_lora(model, config.lora.rank, config.lora.alpha)
-    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    report["lora"] = run_stage(work, "lora", model, lambda progress: _lora_stage(
-        model, adapters, float_weights, data, config, progress, teacher))
+    model.requires_grad_(False)  # (2) LoRA: backbone frozen, adapters trained (once, or per run and averaged)
+    report["lora"] = _lora_runs(model, float_weights, data, config, work, teacher)
     return model, report
+
+
+def _lora_runs(model, float_weights: dict | None, data: _Data, config: QLoRAConfig, work: Path, teacher) -> dict:
+    """Stage 2 once (stage ``lora``), or ``--lora-runs`` times from seeds seed, seed + 1, ... (stages
+    ``lora``, ``lora1``, ...) on the same frozen backbone, their adapters then averaged into one."""
+    reports, adapters = [], []
+    for i in range(config.lora.runs):
+        run = dataclasses.replace(config, seed=config.seed + i)  # its init windows, A draw and data order
+        torch.manual_seed(run.seed)  # the adapters' A init: a resumed run must draw the same one
+        add_lora(model, config.lora.rank, config.lora.alpha)
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        reports.append(run_stage(work, "lora" if i == 0 else f"lora{i}", model, lambda progress: _lora_stage(
+            model, params, float_weights, data, run, progress, teacher)))
+        if config.lora.runs > 1:
+            adapters.append(pop_lora(model))  # the backbone alone again for the next run
+    if config.lora.runs == 1:
+        return reports[0]
+    add_averaged_lora(model, adapters, config.lora.alpha)  # rank runs x rank: the mean of the side paths
+    return {"runs": reports, "perplexity": _cached_perplexity(work / "ppl-lora-average.json", model, data, config,
+                                                             "ppl after lora (average)")}
 
 
 # ---------------------------------------------------------------------------------------------

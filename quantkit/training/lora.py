@@ -140,14 +140,48 @@ def add_lora(model: nn.Module, rank: int, alpha: float, names: list[str] | None 
     return names
 
 
-def check_rank(model: nn.Module, rank: int) -> None:
-    """Refuse a rank no block linear can hold, before any training starts."""
+def check_rank(model: nn.Module, rank: int, runs: int = 1) -> None:
+    """Refuse a rank no block linear can hold, before any training starts (``runs`` averaged adapters
+    of rank ``rank`` become one of rank ``runs * rank``: :func:`add_averaged_lora`)."""
     for name in block_linear_names(model):
         mod = model.get_submodule(name)
-        if not 1 <= rank <= min(mod.in_features, mod.out_features):
-            raise QuantkitError(f"--lora-rank must be between 1 and {min(mod.in_features, mod.out_features)} "
+        most = min(mod.in_features, mod.out_features)
+        if not 1 <= rank <= most:
+            raise QuantkitError(f"--lora-rank must be between 1 and {most} "
                                 f"(the smallest side of {name}, {mod.in_features} -> {mod.out_features}); "
                                 f"got {rank}")
+        if runs * rank > most:
+            raise QuantkitError(f"--lora-runs {runs} at --lora-rank {rank} averages into one adapter of rank "
+                                f"{runs * rank}, more than {name} ({mod.in_features} -> {mod.out_features}) "
+                                f"can hold; keep runs x rank <= {most}")
+
+
+def pop_lora(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Unwrap every adapter (the bases go back in place); returns each one's ``(A [r, K], B [N, r])`` by name."""
+    popped = {}
+    for name, wrapper in lora_modules(model).items():
+        popped[name] = (wrapper.lora_A.detach().clone(), wrapper.lora_B.detach().clone())
+        _set_submodule(model, name, wrapper.base)
+    return popped
+
+
+@torch.no_grad()
+def add_averaged_lora(model: nn.Module, runs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                      alpha: float) -> None:
+    """Wrap the linears of ``runs`` (:func:`pop_lora`'s, each of rank r at ``alpha``) in one adapter whose
+    side path is the mean of theirs: rank ``n r``, ``A`` stacked ``[n r, K]``, ``B`` side by side
+    ``[N, n r]``, so ``alpha / (n r) · B A = (1/n) Σ (alpha / r) B_i A_i``. The checkpoint format is
+    unchanged: it is a plain adapter of rank ``n r``."""
+    names = list(runs[0])
+    if any(list(run) != names for run in runs):
+        raise ValueError("the runs' adapters wrap different linears")
+    ranks = {a.shape[0] for run in runs for a, _b in run.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the runs' adapters differ in rank ({sorted(ranks)})")
+    add_lora(model, len(runs) * ranks.pop(), alpha, names, dtype=runs[0][names[0]][0].dtype)
+    for name, wrapper in lora_modules(model).items():
+        wrapper.lora_A.copy_(torch.cat([run[name][0] for run in runs], dim=0))
+        wrapper.lora_B.copy_(torch.cat([run[name][1] for run in runs], dim=1))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
