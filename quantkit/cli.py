@@ -206,7 +206,8 @@ NO_CALIBRATION = "none"
                    "windows, adapter draw and data order) and average the N adapters into one of rank N x "
                    "--lora-rank (the side path is the mean of the runs'; the checkpoint format is unchanged). "
                    "N times stage 2's time; N x rank must fit every block linear. "
-                   "docs/measurements/qlora.md: on SmolLM2 three runs' average beat the best run by 0.13 perplexity.")
+                   "docs/measurements/qlora.md: on SmolLM2 three runs' average beat the best run by 0.11-0.13 "
+                   "perplexity on two QAT backbones. No preset uses it.")
 @click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 2 loss: ce, kd or mixed, as --qat-loss.")
 @click.option("--lora-calibration", default=None, metavar="SET|none",

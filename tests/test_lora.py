@@ -104,7 +104,7 @@ def test_runs_x_rank_larger_than_the_smallest_layer_is_refused(tiny):
         check_rank(tiny, 16, runs=3)
 
 
-def test_averaged_adapters_compute_the_mean_of_the_runs_side_paths(tiny, ids):
+def test_averaged_adapters_compute_the_mean_of_the_runs_side_paths(tiny):
     tiny.float()
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))  # down_proj's input: intermediate 128
     runs, outputs, deltas = [], [], []

@@ -152,12 +152,11 @@ def test_lora_runs_average_their_adapters_and_the_first_run_is_the_single_run(ti
     assert (tmp_path / "resumed.stages" / "lora" / "stage.json").is_file()
     monkeypatch.setattr(loops, "save_progress", real_save)
     run_qlora(_config(tiny_dir, resumed, data_dir, lora_runs=2, **common))  # run 0 loaded, run 1 resumed
-    assert _tensors(resumed).keys() == _tensors(two).keys()
-    assert all(torch.equal(v, _tensors(two)[k]) for k, v in _tensors(resumed).items())
+    a, b, r = _tensors(one), _tensors(two), _tensors(resumed)
+    assert r.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in r.items())
     (_, meta1), (loaded2, meta2) = load_checkpoint(one), load_checkpoint(two)
     assert meta1["lora"]["rank"] == 4 and meta2["lora"]["rank"] == 8  # one adapter of runs x rank
     assert meta2["lora"]["alpha"] == meta1["lora"]["alpha"] == 8  # alpha kept: scaling alpha / 8 = mean of two
-    a, b = _tensors(one), _tensors(two)
     name = "model.layers.1.self_attn.o_proj"
     # run 0 is the single run exactly (same seed): the first half of A's rows and B's columns
     assert torch.equal(b[f"{name}.lora_A"][:4], a[f"{name}.lora_A"])
