@@ -143,10 +143,8 @@ NO_CALIBRATION = "none"
 @click.option("--qat-lr", type=float, default=None, help="Stage 1 peak learning rate (AdamW, warm-up then cosine).")
 @click.option("--qat-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
               help="Stage 1 loss: `ce` (cross-entropy on the responses), `kd` (distillation: KL from the frozen "
-                   "float starting model's next-token distribution to the student's, at every token), `mixed` "
-                   "(their mean) or `kd-token` (kd plus the squared difference between the student's and the "
-                   "teacher's log-probability of each real next token: zero at the teacher, so unlike ce it never "
-                   "fits the text beyond the float model). The cpu preset uses kd, the full preset ce.")
+                   "float starting model's next-token distribution to the student's, at every token) or `mixed` "
+                   "(their mean). The cpu preset uses kd, the full preset ce.")
 @click.option("--qat-calibration", default=None, metavar="SET|none",
               help="Train stage 1 on seeded windows of this calibration set (calibration/*.json: wikitext2 = "
                    "Wikipedia articles, c4), never the WikiText-2 test split; `none` trains on the SFT data. "
@@ -211,8 +209,8 @@ NO_CALIBRATION = "none"
                    "docs/measurements/qlora.md: on SmolLM2 three runs' average beat the best run by 0.11-0.13 "
                    "perplexity on two QAT backbones. No preset uses it.")
 @click.option("--lora-loss", type=click.Choice([k.value for k in StageLoss]), default=None,
-              help="Stage 2 loss: ce, kd, mixed or kd-token, as --qat-loss. The cpu preset uses kd: on SmolLM2 "
-                   "mixed on the calibration text scored 21.30 on WikiText-2 against kd's 22.27, but the float model given the "
+              help="Stage 2 loss: ce, kd or mixed, as --qat-loss. The cpu preset uses kd: on SmolLM2 mixed on the "
+                   "calibration text scored 21.30 on WikiText-2 against kd's 22.27, but the float model given the "
                    "same stage gains as much (20.97 -> 20.07): adaptation to the text, not recovered int4 error "
                    "(docs/measurements/qlora.md).")
 @click.option("--lora-calibration", default=None, metavar="SET|none",

@@ -95,7 +95,7 @@ class QATStageConfig:
     steps: int
     lr: float
     batch_size: int
-    loss: StageLoss = StageLoss.CE  # KD / MIXED / KD_TOKEN distill from the frozen float starting model
+    loss: StageLoss = StageLoss.CE  # KD / MIXED distill from the frozen float starting model
     calibration: str | None = None  # train on windows of this calibration set instead of the SFT data
     # int4 group scales as trained parameters (LSQ; from the scheme's weight_clip choice, at a tenth of
     # the lr) instead of recomputed from the weights at every step (torchao's QAT, Meta's recipe)

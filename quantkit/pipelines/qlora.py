@@ -3,7 +3,7 @@
 1. **QAT**: every module the scheme quantizes is swapped for its fake-quantized twin
    (:mod:`quantkit.training.qat`, the packed kernel's math with straight-through gradients) and the
    whole model is fine-tuned on instruction data (loss on responses only), or distilled from the
-   frozen float starting model (``StageLoss.KD`` / ``MIXED`` / ``KD_TOKEN``), on that data or on calibration text.
+   frozen float starting model (``StageLoss.KD`` / ``MIXED``), on that data or on calibration text.
    Optionally (the cpu preset) the float weights are first rotated (random Hadamard R1/R2 folded
    in, no run-time transform; or a SpinQuant rotations file's learned R1/R2 and its R4, the online
    Hadamard before down_proj) and QAT starts from GPTQ's int4 model instead of round-to-nearest.

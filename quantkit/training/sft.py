@@ -22,9 +22,6 @@ class StageLoss(str, enum.Enum):
     CE = "ce"  # next-token cross-entropy on the response tokens (labels), the plain SFT loss
     KD = "kd"  # KL(teacher || student) of the next-token distributions at every real token
     MIXED = "mixed"  # (CE + KD) / 2
-    # KD + mean (log p_student(y) - log p_teacher(y))^2 over the real next tokens y: the text's own
-    # tokens, where perplexity is measured, but matched to the teacher, never fitted beyond it
-    KD_TOKEN = "kd-token"
 
     @property
     def needs_teacher(self) -> bool:
@@ -66,28 +63,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def token_match_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of ``(log p_s(y) - log p_t(y))^2`` for the next tokens ``y`` ``[T]`` (logits ``[T, V]``).
-
-    Perplexity only sees ``log p(y)`` of the tokens that occur; KL weighs each token by the
-    teacher's probability, so a token the teacher gives 1% and the student 0.1% costs KL 0.02 but
-    perplexity 2.3 nats whenever it occurs. This term looks at the occurring tokens directly. Unlike
-    cross-entropy it is zero, with zero gradient, exactly at the teacher: it pulls the student's
-    log-probability of the text towards the teacher's from both sides and never rewards fitting the
-    text beyond it (cross-entropy on in-domain text improves the float model too: domain adaptation).
-    """
-    idx = targets.unsqueeze(-1)  # [T, 1]
-    s = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)  # [T]
-    t = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)  # [T]
-    return (s - t).pow(2).mean()
-
-
 def stage_loss(model: nn.Module, batch: Batch, kind: StageLoss, teacher: nn.Module | None = None) -> torch.Tensor:
-    """The loss ``kind`` of ``model`` on ``batch``; ``teacher`` (frozen) is needed for every kind but CE.
+    """The loss ``kind`` of ``model`` on ``batch``; ``teacher`` (frozen) is needed for KD and MIXED.
 
     KD is applied at every position whose next token is a real token (prompt and response alike:
-    the teacher has a distribution everywhere), and so is KD_TOKEN's match term (the next token is
-    known everywhere); CE only where the next token is a response token.
+    the teacher has a distribution everywhere), CE only where the next token is a response token.
     """
     if kind is StageLoss.CE:
         return sft_loss(model, batch)
@@ -100,8 +80,6 @@ def stage_loss(model: nn.Module, batch: Batch, kind: StageLoss, teacher: nn.Modu
     kd = kd_loss(student, target)
     if kind is StageLoss.KD:
         return kd
-    if kind is StageLoss.KD_TOKEN:
-        return kd + token_match_loss(student, target, batch.input_ids[:, 1:][where])
     labels = batch.labels[:, 1:][where]  # [T], -100 on prompt tokens
     response = labels != -100
     ce = nn.functional.cross_entropy(student[response].float(), labels[response])
