@@ -22,7 +22,7 @@ def _ulp(y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bias", [False, True])
 @torch.no_grad()
-def test_the_product_is_float32_rounded_once_and_within_one_ulp_of_torchs_bf16(bias):
+def test_the_product_is_float32_rounded_once_within_one_ulp_of_exact_and_near_torchs_bf16(bias):
     torch.manual_seed(0)
     native = nn.Linear(1024, 512, bias=bias).to(torch.bfloat16)
     x = torch.randn(256, 1024).bfloat16()
